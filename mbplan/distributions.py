@@ -1,0 +1,105 @@
+"""Tanh-Normal action distribution and the uniform prior on (-1, 1)^A (DESIGN.md §3).
+
+Shapes: B states · K samples per state · A action dims.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Actions are clamped to ±(1 − ACTION_EPS) after the squash.
+ACTION_EPS = 1e-6
+#: Added inside log(1 − tanh(u)² + ·) so the squash log-det stays finite.
+LOGDET_EPS = 1e-6
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class TanhNormal:
+    """Policy π_λ(a|s) = tanh(N(loc, exp(log_scale)²)) per state, λ = (loc, log_scale).
+
+    Attributes:
+        loc: Pre-tanh means μ, shape [B, A].
+        log_scale: Pre-tanh log standard deviations log σ, shape [B, A].
+    """
+
+    loc: Tensor
+    log_scale: Tensor
+
+    @classmethod
+    def initial(
+        cls,
+        batch_size: int,
+        action_dim: int,
+        scale: float = 0.5,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> TanhNormal:
+        """λ_0 = (μ = 0, σ = scale) for every state (the iterative planner's start)."""
+        loc = torch.zeros(batch_size, action_dim, dtype=dtype, device=device)  # (B, A)
+        return cls(loc, torch.full_like(loc, math.log(scale)))
+
+    @property
+    def shape(self) -> torch.Size:
+        """[B, A]."""
+        return self.loc.shape
+
+    def mode(self) -> Tensor:
+        """Deterministic action tanh(μ), shape [B, A]."""
+        return torch.tanh(self.loc)
+
+    def detach(self) -> TanhNormal:
+        """A copy cut from the autograd graph."""
+        return TanhNormal(self.loc.detach(), self.log_scale.detach())
+
+    def rsample(
+        self, n_samples: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Reparameterized samples a = tanh(μ + σ·ε), ε ~ N(0, I).
+
+        Args:
+            n_samples: K.
+            generator: Source of ε; the same seed gives the same samples.
+
+        Returns:
+            (actions [K, B, A] clamped to ±(1 − eps), pre-tanh values u [K, B, A]).
+        """
+        B, A = self.loc.shape
+        eps = torch.randn(
+            n_samples, B, A, generator=generator, dtype=self.loc.dtype, device=self.loc.device
+        )  # (K, B, A)
+        pre_tanh = self.loc + self.log_scale.exp() * eps
+        return squash(pre_tanh), pre_tanh
+
+    def log_prob(self, pre_tanh: Tensor) -> Tensor:
+        """log π(a|s) of a = tanh(u) from the pre-tanh value u [K, B, A]; returns [K, B]."""
+        z = (pre_tanh - self.loc) / self.log_scale.exp()
+        normal = -0.5 * z.square() - self.log_scale - _LOG_SQRT_2PI  # (K, B, A)
+        log_det = torch.log(1 - torch.tanh(pre_tanh).square() + LOGDET_EPS)
+        return (normal - log_det).sum(-1)
+
+
+def squash(pre_tanh: Tensor) -> Tensor:
+    """tanh, clamped to ±(1 − ACTION_EPS) so downstream inverses stay finite."""
+    return torch.tanh(pre_tanh).clamp(-1 + ACTION_EPS, 1 - ACTION_EPS)
+
+
+def uniform_log_prob(action_dim: int) -> float:
+    """log p(a) of the uniform prior on (-1, 1)^A: −A·log 2."""
+    return -action_dim * math.log(2.0)
+
+
+def kl_to_uniform(dist: TanhNormal, pre_tanh: Tensor) -> Tensor:
+    """Monte-Carlo KL̂(π ‖ p) = mean_K [log π(a_k) − log p(a_k)] over the given samples; [B]."""
+    A = pre_tanh.shape[-1]
+    return (dist.log_prob(pre_tanh) - uniform_log_prob(A)).mean(0)
+
+
+def target_kl(action_dim: int) -> float:
+    """KL target A·(1 + log 2) for the α update (SAC's entropy target −A under the uniform prior)."""
+    return action_dim * (1.0 + math.log(2.0))

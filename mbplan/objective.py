@@ -1,0 +1,115 @@
+"""The planning objective Ĵ(s, λ) = mean_K Q(s, a_k) − α·KL̂(π_λ ‖ p) (DESIGN.md §3).
+
+Any differentiable ``q_fn(states [B, S], actions [K, B, A]) -> values [K, B]`` becomes an objective.
+Planners see only :class:`Objective`; what is behind ``q_fn`` (a critic, a learned model rolled out
+over a horizon, an analytic function) is not their business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mbplan.distributions import TanhNormal, kl_to_uniform
+
+QFunction = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class ObjectiveValue:
+    """One evaluation of Ĵ on B states with K samples each.
+
+    Attributes:
+        value: Ĵ(s, λ) per state, [B].
+        sample_values: Q(s, a_k) per sample, [K, B] (CEM ranks by these).
+        kl: KL̂(π_λ ‖ p) per state, [B].
+        actions: The samples a_k, [K, B, A].
+        pre_tanh: Their pre-tanh values u_k, [K, B, A].
+    """
+
+    value: Tensor
+    sample_values: Tensor
+    kl: Tensor
+    actions: Tensor
+    pre_tanh: Tensor
+
+
+class Objective:
+    """Ĵ(s, λ) = mean_K q(s, a_k) − α·KL̂, with a_k ~ π_λ reparameterized (K = ``n_samples``).
+
+    α is detached. Weights inside ``q_fn`` should be frozen by the caller (``requires_grad=False``);
+    gradients flow to λ through the actions.
+
+    Args:
+        q_fn: ``q_fn(states [B, S], actions [K, B, A]) -> [K, B]``.
+        alpha: KL weight α (a float or a scalar tensor, read at each call).
+        n_samples: K, the samples per state of one evaluation.
+        state_dim: S, if known; planners then reject states of another width.
+        action_dim: A, if known.
+    """
+
+    def __init__(
+        self,
+        q_fn: QFunction,
+        alpha: float | Tensor = 0.0,
+        n_samples: int = 10,
+        state_dim: int | None = None,
+        action_dim: int | None = None,
+    ) -> None:
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        self.q_fn = q_fn
+        self.alpha = alpha
+        self.n_samples = n_samples
+        self.state_dim = state_dim
+        self.action_dim = action_dim
+
+    def __call__(
+        self,
+        states: Tensor,
+        dist: TanhNormal,
+        n_samples: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> ObjectiveValue:
+        """Evaluate Ĵ at λ = ``dist`` for states [B, S] with ``n_samples`` (default K) samples."""
+        actions, pre_tanh = dist.rsample(n_samples or self.n_samples, generator)  # (K, B, A)
+        q = self.q_fn(states, actions)  # (K, B)
+        kl = kl_to_uniform(dist, pre_tanh)  # (B,)
+        alpha = self.alpha.detach() if isinstance(self.alpha, Tensor) else self.alpha
+        return ObjectiveValue(q.mean(0) - alpha * kl, q, kl, actions, pre_tanh)
+
+
+def make_objective(
+    q_fn: QFunction,
+    alpha: float | Tensor = 0.0,
+    n_samples: int = 10,
+    state_dim: int | None = None,
+    action_dim: int | None = None,
+) -> Objective:
+    """Turn ``q_fn(states [B,S], actions [K,B,A]) -> [K,B]`` into the objective Ĵ(s, λ).
+
+    Example:
+        >>> import torch, mbplan
+        >>> target = torch.tensor([0.5, -0.2])
+        >>> q = lambda s, a: -((a - target) ** 2).sum(-1)
+        >>> objective = mbplan.make_objective(q, alpha=0.01)
+        >>> result = mbplan.make_planner("adam").plan(objective, torch.zeros(4, 3), n_iters=200)
+        >>> result.dist.mode().shape
+        torch.Size([4, 2])
+    """
+    return Objective(q_fn, alpha, n_samples, state_dim, action_dim)
+
+
+def pessimistic(q_ensemble: Tensor, beta: float) -> Tensor:
+    """Q̂ = mean_E(Q) − β·std_E(Q) over the leading ensemble axis (unbiased, +1e-6 in the sqrt).
+
+    Args:
+        q_ensemble: [E, ...] values of the E critics.
+        beta: Pessimism β (β = 1 with E = 2 is already more pessimistic than the minimum).
+    """
+    mean = q_ensemble.mean(0)
+    std = (q_ensemble.var(0, unbiased=True) + 1e-6).sqrt()
+    return mean - beta * std
