@@ -101,5 +101,5 @@ def kl_to_uniform(dist: TanhNormal, pre_tanh: Tensor) -> Tensor:
 
 
 def target_kl(action_dim: int) -> float:
-    """KL target A·(1 + log 2) for the α update (SAC's entropy target −A under the uniform prior)."""
+    """KL target A·(1 + log 2) of the α update (SAC's entropy target −A under a uniform prior)."""
     return action_dim * (1.0 + math.log(2.0))

@@ -5,6 +5,7 @@ Shapes: N state–action pairs · E ensemble members · S state dims · A action
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -39,13 +40,18 @@ class EnsembleQ(nn.Module):
     """
 
     def __init__(
-        self, state_dim: int, action_dim: int, n_members: int = 2, hidden: int = 256, n_hidden: int = 2
+        self,
+        state_dim: int,
+        action_dim: int,
+        n_members: int = 2,
+        hidden: int = 256,
+        n_hidden: int = 2,
     ):
         super().__init__()
         self.state_dim, self.action_dim, self.n_members = state_dim, action_dim, n_members
         dims = [state_dim + action_dim] + [hidden] * n_hidden
         self.hidden = nn.ModuleList(
-            EnsembleLinear(n_members, d_in, d_out) for d_in, d_out in zip(dims[:-1], dims[1:])
+            EnsembleLinear(n_members, d_in, d_out) for d_in, d_out in itertools.pairwise(dims)
         )
         self.head = EnsembleLinear(n_members, hidden, 1, init_bound=3e-3)
 

@@ -1,8 +1,8 @@
 """Planners that optimize a tanh-Gaussian λ per state (installed as ``mbplan.planners``).
 
 Every planner has the same call, ``planner.plan(objective, states, init=None, n_iters=None,
-generator=None) -> PlanResult``. :data:`PLANNERS` is the registry; a planner added to it is under the
-contract tests at once.
+generator=None) -> PlanResult``. :data:`PLANNERS` is the registry; a planner added to it is under
+the contract tests at once.
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ PLANNERS: dict[str, type[Planner]] = {
 
 
 def make_planner(
-    name: str, *, state_dim: int | None = None, action_dim: int | None = None, **hyperparameters: Any
+    name: str,
+    *,
+    state_dim: int | None = None,
+    action_dim: int | None = None,
+    **hyperparameters: Any,
 ) -> Planner:
     """Build a registered planner.
 

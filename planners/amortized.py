@@ -1,5 +1,6 @@
-"""What the two amortized planners (``direct``, ``iterative``) share: the learned soft clamp of
-log σ, the training loss of DESIGN.md §4, and :func:`train_amortized`.
+"""What the amortized planners (``direct``, ``iterative``) share.
+
+The learned soft clamp of log σ, the training loss of DESIGN.md §4, and :func:`train_amortized`.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class AmortizedPlanner(nn.Module, Planner):
         mask: Tensor | None = None,
         n_iters: int | None = None,
     ) -> tuple[Tensor, PlanResult]:
-        """Training loss: mean over iterates k = 1..I and states of −Ĵ(s, λ_k), plus the bound penalty.
+        """Training loss: mean over k = 1..I and states of −Ĵ(s, λ_k), plus the bound penalty.
 
         With the inputs of every iteration detached this is one-step truncated backprop; for
         ``direct`` (I = 1) it is SAC's −Ĵ(s, f_φ(s)).
@@ -76,7 +77,9 @@ class AmortizedPlanner(nn.Module, Planner):
         Returns:
             (scalar loss, the differentiable :class:`PlanResult`).
         """
-        result = self.plan(objective, states, n_iters=n_iters, generator=generator, differentiable=True)
+        result = self.plan(
+            objective, states, n_iters=n_iters, generator=generator, differentiable=True
+        )
         J = result.trace.objective[1:]  # (I, B)
         weight = torch.ones_like(J[0]) if mask is None else mask.to(J.dtype)  # (B,)
         valid = torch.isfinite(J) & (weight > 0)  # (I, B)

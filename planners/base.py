@@ -183,7 +183,9 @@ class Planner:
                 with torch.set_grad_enabled(differentiable):
                     v = worst_if_nonfinite(objective(states, dists[k], generator=generator).value)
             elif v is None:
-                v = torch.full((states.shape[0],), torch.nan, dtype=dist.loc.dtype, device=states.device)
+                v = torch.full(
+                    (states.shape[0],), torch.nan, dtype=dist.loc.dtype, device=states.device
+                )
             else:
                 v = worst_if_nonfinite(v)
             values[k] = v if differentiable else v.detach()
@@ -205,7 +207,7 @@ class Planner:
         want_s, want_a = self.expected_dims()
         want_s = want_s if want_s is not None else objective.state_dim
         want_a = want_a if want_a is not None else objective.action_dim
-        if want_s is not None and S != want_s:
+        if want_s is not None and want_s != S:
             raise ValueError(f"states have width {S}, expected state_dim {want_s}")
         if not torch.isfinite(states).all():
             raise ValueError("states contain NaN or infinite values")
@@ -235,4 +237,6 @@ class Planner:
 def _keep_finite(new: TanhNormal, old: TanhNormal) -> TanhNormal:
     """Per state, keep the previous λ wherever the new one is not finite."""
     ok = (torch.isfinite(new.loc) & torch.isfinite(new.log_scale)).all(-1, keepdim=True)  # (B, 1)
-    return TanhNormal(torch.where(ok, new.loc, old.loc), torch.where(ok, new.log_scale, old.log_scale))
+    return TanhNormal(
+        torch.where(ok, new.loc, old.loc), torch.where(ok, new.log_scale, old.log_scale)
+    )

@@ -38,7 +38,9 @@ class CEMPlanner(Planner):
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_elites <= self.population:
-            raise ValueError(f"need 1 <= n_elites <= population, got {self.n_elites}, {self.population}")
+            raise ValueError(
+                f"need 1 <= n_elites <= population, got {self.n_elites}, {self.population}"
+            )
 
     @property
     def default_iters(self) -> int:  # type: ignore[override]
@@ -65,11 +67,15 @@ class CEMPlanner(Planner):
             A = out.pre_tanh.shape[-1]
             elites = out.pre_tanh.gather(0, idx.unsqueeze(-1).expand(-1, -1, A))  # (N_elite, B, A)
             fit_loc = elites.mean(0)
-            fit_scale = elites.std(0, unbiased=False) if self.n_elites > 1 else torch.zeros_like(fit_loc)
+            fit_scale = (
+                elites.std(0, unbiased=False) if self.n_elites > 1 else torch.zeros_like(fit_loc)
+            )
 
             # Update parameters (smoothed)
             loc = (1 - self.lr) * dist.loc + self.lr * fit_loc
             scale = (1 - self.lr) * dist.log_scale.exp() + self.lr * fit_scale
             low, high = self.log_scale_bounds
             log_scale = scale.clamp_min(torch.finfo(scale.dtype).tiny).log().clamp(low, high)
-        return StepOutput(TanhNormal(loc, log_scale), out.value, self.population / objective.n_samples)
+        return StepOutput(
+            TanhNormal(loc, log_scale), out.value, self.population / objective.n_samples
+        )

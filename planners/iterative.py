@@ -75,7 +75,12 @@ class IterativePlanner(AmortizedPlanner):
 
         # Propose and gate (inputs detached: one-step truncated backprop)
         with torch.set_grad_enabled(differentiable):
-            inputs = [loc, log_scale, grad_loc.nan_to_num(0, 0, 0), grad_log_scale.nan_to_num(0, 0, 0)]
+            inputs = [
+                loc,
+                log_scale,
+                grad_loc.nan_to_num(0, 0, 0),
+                grad_log_scale.nan_to_num(0, 0, 0),
+            ]
             x = torch.cat([states, *map(standardize, inputs)], -1)  # (B, S + 4A)
             delta_loc, delta_log_scale, gate_loc, gate_log_scale = self.net(x).chunk(4, -1)
             gate_loc, gate_log_scale = gate_loc.sigmoid(), gate_log_scale.sigmoid()

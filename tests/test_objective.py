@@ -15,9 +15,7 @@ def test_log_prob_matches_change_of_variables():
     dist = TanhNormal(loc, log_scale)
     actions, pre_tanh = dist.rsample(5, torch.Generator().manual_seed(0))
     base = torch.distributions.Normal(loc, log_scale.exp())
-    expected = (
-        base.log_prob(pre_tanh) - torch.log(1 - torch.tanh(pre_tanh) ** 2 + 1e-6)
-    ).sum(-1)
+    expected = (base.log_prob(pre_tanh) - torch.log(1 - torch.tanh(pre_tanh) ** 2 + 1e-6)).sum(-1)
     assert torch.allclose(dist.log_prob(pre_tanh), expected, atol=1e-5)
     assert actions.shape == (5, 1, 2) and (actions.abs() < 1).all()
 
@@ -64,7 +62,9 @@ def test_gradient_matches_finite_differences_float64():
 
     def J(loc, log_scale):
         # Same noise at every call: Ĵ is then a smooth deterministic function of λ.
-        return obj(states, TanhNormal(loc, log_scale), generator=torch.Generator().manual_seed(3)).value
+        return obj(
+            states, TanhNormal(loc, log_scale), generator=torch.Generator().manual_seed(3)
+        ).value
 
     loc = (0.3 * torch.randn(B, A, dtype=torch.float64)).requires_grad_()
     log_scale = (-1 + 0.2 * torch.randn(B, A, dtype=torch.float64)).requires_grad_()

@@ -1,0 +1,1 @@
+"""Measurements behind ``mbplan bench ...`` (library code: returns rows, never prints)."""
