@@ -6,15 +6,19 @@ Errors a user can cause end as one line on stderr and exit code 2, never a trace
 from __future__ import annotations
 
 import argparse
+import inspect
+import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any
 
 import mbplan
 from mbplan.bench.overhead import OverheadOptions, run_overhead
-from mbplan.cli_args import add_dataclass_args, from_namespace
+from mbplan.cli_args import add_dataclass_args, from_namespace, option
 from mbplan.errors import UserError
+from mbplan.train import TrainOptions
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,9 +53,102 @@ def _bench_overhead(opts: OverheadOptions) -> None:
     print(format_table(run_overhead(opts)))
 
 
+@dataclass
+class TrainCommand(TrainOptions):
+    """Options of ``mbplan train`` (``--resume RUN`` continues a run with its saved options)."""
+
+    resume: str = option("", "run folder to continue from its newest checkpoint")
+
+
+@dataclass
+class EvalOptions:
+    """Options of ``mbplan eval``."""
+
+    checkpoint: str = option("", "run folder or checkpoint folder")
+    episodes: int = option(10, "deterministic (tanh μ) episodes")
+    seed: int = option(0, "seed of the episodes' resets")
+    video: str = option("", "write the first episode as an MP4 here (MuJoCo offscreen)")
+
+
+def _train(opts: TrainCommand, explicit: set[str]) -> None:
+    import json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from mbplan.train import Trainer
+
+    resume = bool(opts.resume)
+    if resume:
+        config_path = Path(opts.resume) / "config.json"
+        if not config_path.is_file():
+            raise UserError(f"not a run folder (no config.json): {opts.resume}")
+        try:
+            saved = json.loads(config_path.read_text())
+        except ValueError:
+            raise UserError(f"corrupt config.json in {opts.resume}") from None
+        known = {f.name for f in fields(TrainOptions)}
+        values = {k: v for k, v in saved.items() if k in known}
+        values.update({k: getattr(opts, k) for k in explicit if k in known})  # e.g. --steps
+        values["out"] = opts.resume
+        train_opts = TrainOptions(**values)
+    else:
+        train_opts = TrainOptions(**{f.name: getattr(opts, f.name) for f in fields(TrainOptions)})
+    train_opts.validate()
+
+    bar = tqdm(
+        total=train_opts.steps,
+        unit="step",
+        dynamic_ncols=True,
+        desc=train_opts.agent,
+        mininterval=1.0,
+    )
+    state = {"t": time.perf_counter(), "updates": 0}
+
+    def on_progress(step: int, info: dict) -> None:
+        bar.update(step - bar.n)
+        state["updates"] += int(info["updating"])
+        if step % 100 == 0:
+            dt = time.perf_counter() - state["t"]
+            ev = info["eval"]
+            bar.set_postfix(
+                updates_per_s=f"{state['updates'] / dt:.1f}",
+                eval=("-" if ev is None else f"{ev:.1f}"),
+            )
+            state["t"], state["updates"] = time.perf_counter(), 0
+
+    trainer = Trainer(train_opts, resume=resume, on_progress=on_progress)
+    summary = trainer.run()
+    bar.close()
+    last = summary["last_eval"]
+    print(
+        f"trained {train_opts.agent} on {train_opts.env}: {summary['steps']} steps, "
+        f"{summary['episodes']} episodes, {summary['steps_per_s']:.1f} env steps/s, "
+        f"last eval {'-' if last is None else f'{last:.1f}'}; run folder {train_opts.out}"
+    )
+
+
+def _eval(opts: EvalOptions) -> None:
+    from mbplan.train import eval_checkpoint
+
+    if not opts.checkpoint:
+        raise UserError("--checkpoint is required")
+    if opts.episodes < 1:
+        raise UserError("--episodes must be >= 1")
+    returns = eval_checkpoint(opts.checkpoint, opts.episodes, opts.seed, opts.video or None)
+    mean, std = statistics.fmean(returns), statistics.pstdev(returns)
+    print(f"return {mean:.1f} ± {std:.1f} over {len(returns)} episodes")
+    if opts.video:
+        print(f"video written to {opts.video}")
+
+
 # name → (help, options dataclass, handler)
 Command = tuple[str, type, Callable[[Any], None]]
 COMMANDS: dict[str, dict[str, Command]] = {
+    "train": {
+        "": ("train an agent (direct or iterative) on a gymnasium env", TrainCommand, _train)
+    },
+    "eval": {"": ("run deterministic episodes of a trained agent", EvalOptions, _eval)},
     "bench": {
         "overhead": (
             "time per iteration / objective evaluation and states/s of every planner",
@@ -72,15 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", parser_class=_Parser)
     groups.required = True
     for group, commands in COMMANDS.items():
+        if "" in commands:  # a command without subcommands
+            help_text, opts_cls, handler = commands[""]
+            cp = groups.add_parser(group, help=help_text, description=help_text)
+            add_dataclass_args(cp, opts_cls)
+            cp.set_defaults(_opts_cls=opts_cls, _handler=handler)
+            continue
         gp = groups.add_parser(group, help=f"{group} commands: {', '.join(commands)}")
         sub = gp.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=_Parser)
         sub.required = True
         for name, (help_text, opts_cls, handler) in commands.items():
-            cp = sub.add_parser(
-                name,
-                help=help_text,
-                description=help_text,
-            )
+            cp = sub.add_parser(name, help=help_text, description=help_text)
             add_dataclass_args(cp, opts_cls)
             cp.set_defaults(_opts_cls=opts_cls, _handler=handler)
     return parser
@@ -88,11 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mbplan`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     ns = parser.parse_args(argv)
     opts = from_namespace(ns._opts_cls, ns)
+    explicit = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
     try:
-        ns._handler(opts)
+        if "explicit" in inspect.signature(ns._handler).parameters:
+            ns._handler(opts, explicit=explicit)
+        else:
+            ns._handler(opts)
     except (UserError, ValueError, FileNotFoundError) as exc:
         print(f"mbplan: error: {exc}", file=sys.stderr)
         return 2

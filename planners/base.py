@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mbplan.distributions import TanhNormal
-from mbplan.objective import Objective
+from mbplan.objective import Objective, ObjectiveValue
 
 
 @dataclass
@@ -57,10 +57,12 @@ class PlanResult:
     Attributes:
         dist: The final λ_I (``loc`` and ``log_scale`` [B, A]).
         trace: The per-iterate :class:`PlanTrace`.
+        final: The objective evaluation at λ_I (samples, per-sample Q, KL), when recorded.
     """
 
     dist: TanhNormal
     trace: PlanTrace
+    final: ObjectiveValue | None = None
 
     def best(self) -> TanhNormal:
         """λ_k with the highest recorded Ĵ per state (best-so-far over the trace)."""
@@ -178,10 +180,12 @@ class Planner:
         values.append(None)
 
         # Record Ĵ at iterates whose step did not evaluate it (always the final one).
+        final = None
         for k, v in enumerate(values):
             if v is None and record_objective and not (differentiable and k == 0):
                 with torch.set_grad_enabled(differentiable):
-                    v = worst_if_nonfinite(objective(states, dists[k], generator=generator).value)
+                    final = objective(states, dists[k], generator=generator)
+                v = worst_if_nonfinite(final.value)
             elif v is None:
                 v = torch.full(
                     (states.shape[0],), torch.nan, dtype=dist.loc.dtype, device=states.device
@@ -196,7 +200,7 @@ class Planner:
             n_evals=torch.tensor(n_evals),
             elapsed=torch.tensor(elapsed),
         )
-        return PlanResult(dist, trace)
+        return PlanResult(dist, trace, final)
 
     def _check_inputs(
         self, objective: Objective, states: Tensor, init: TanhNormal | None

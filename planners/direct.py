@@ -11,7 +11,7 @@ from mbplan.distributions import TanhNormal
 from mbplan.models.mlp import mlp
 from mbplan.objective import Objective
 from mbplan.planners.amortized import AmortizedPlanner
-from mbplan.planners.base import StepOutput
+from mbplan.planners.base import PlanResult, PlanTrace, StepOutput
 
 
 class DirectPlanner(AmortizedPlanner):
@@ -41,6 +41,34 @@ class DirectPlanner(AmortizedPlanner):
         """λ = f_φ(s) for states [B, S]; loc and log_scale [B, A]."""
         loc, raw_log_scale = self.net(states).chunk(2, -1)  # (B, A) each
         return TanhNormal(loc, self.bounds(raw_log_scale))
+
+    def loss(
+        self,
+        objective: Objective,
+        states: Tensor,
+        generator: torch.Generator | None = None,
+        mask: Tensor | None = None,
+        n_iters: int | None = None,
+    ) -> tuple[Tensor, PlanResult]:
+        """SAC's −Ĵ(s, f_φ(s)) + bound penalty, without the planning loop's bookkeeping.
+
+        Same value as the generic loss with I = 1 (one network call, one objective evaluation);
+        the returned trace holds λ_1 and Ĵ(λ_1) only (Ĵ(λ_0) is NaN: not evaluated).
+        """
+        dist = self(states)
+        final = objective(states, dist, generator=generator)
+        J = final.value  # (B,)
+        weight = torch.ones_like(J) if mask is None else mask.to(J.dtype)  # (B,)
+        total = (J * weight).sum() / weight.sum().clamp_min(1.0)
+        nan = torch.full_like(J, torch.nan).detach()
+        trace = PlanTrace(
+            objective=torch.stack([nan, J]),  # (2, B)
+            loc=torch.stack([torch.zeros_like(dist.loc), dist.loc]),
+            log_scale=torch.stack([torch.zeros_like(dist.loc), dist.log_scale]),
+            n_evals=torch.zeros(2),
+            elapsed=torch.zeros(2),
+        )
+        return -total + self.bounds.penalty(), PlanResult(dist, trace, final)
 
     def step(
         self,

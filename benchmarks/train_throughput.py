@@ -1,0 +1,154 @@
+"""Training throughput on HalfCheetah-v5: mbplan against stable-baselines3 SAC, side by side.
+
+Measures whole training steps (act + env step + replay + one update of batch 256) after the random
+warm-up, for:
+  * mbplan direct with K = 1 (SAC's own setting) vs SB3 SAC (same settings) -> env steps/s, ratio;
+  * mbplan direct and iterative at the paper's settings (K = 10, N = 5): ms per update and the
+    fraction of this CPU's measured GEMM peak they reach (multiply-adds per update / time / peak).
+
+    python benchmarks/train_throughput.py                 # everything (~5 minutes on 2 cores)
+    python benchmarks/train_throughput.py --skip-sb3 --updates 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mbplan.perf import tune_malloc
+from mbplan.train import Trainer, TrainOptions
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def gemm_peak(seconds: float = 2.0) -> float:
+    """Best sustained float32 GEMM rate of this machine, in multiply-adds per second."""
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            a @ b
+            reps += 1
+        best = max(best, reps * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def mlp_macs(sizes: list[int]) -> int:
+    """Multiply-adds of one forward pass of an MLP with these layer widths, per input row."""
+    return sum(a * b for a, b in itertools.pairwise(sizes))
+
+
+def update_macs(S: int, A: int, B: int, K: int, N: int, agent: str, H: int = 256) -> float:
+    """Multiply-adds of one update, counting only matrix products (forward 1x, backward 2x).
+
+    Critic: 2 nets on B pairs, forward + backward. Target: policy at s', 2 target nets on B pairs.
+    Direct actor: policy forward+backward on B, 2 target nets forward + input-backward on K*B.
+    Iterative actor: N gradient evaluations (forward + input-backward on K*B) and the final
+    evaluation, all backpropagated once more for the loss; the target policy at s' is N more
+    gradient evaluations; the optimizer network runs N times on B rows (forward + backward).
+    """
+    q = 2 * mlp_macs([S + A, H, H, 1])  # twin critic, per pair
+    pol = mlp_macs([S, H, H, 2 * A])
+    opt = mlp_macs([S + 4 * A, H, H, 4 * A])
+    critic = 3 * B * q
+    if agent == "direct":
+        target = B * (pol + q)
+        actor = 3 * B * pol + 2 * K * B * q
+    else:
+        target = N * 2 * K * B * q + N * B * opt + B * q  # plan at s' (no weight grads) + Q(s', a')
+        actor = N * 2 * K * B * q + K * B * q + (N + 1) * K * B * q + 3 * N * B * opt
+    return float(critic + target + actor)
+
+
+def measure_mbplan(agent: str, K: int, N: int, warmup: int, updates: int, seed: int) -> dict:
+    """Whole training steps per second of mbplan after the warm-up (no eval, no checkpoints)."""
+    marks: dict[str, float] = {}
+    total = warmup + updates + 1
+
+    def on_progress(step: int, info: dict) -> None:
+        if step == warmup + 1:
+            marks["start"] = time.perf_counter()  # first update done: excludes one-off setup
+        if step == total - 1:
+            marks["end"] = time.perf_counter()  # before the final checkpoint
+
+    with tempfile.TemporaryDirectory() as out:
+        opts = TrainOptions(
+            env="HalfCheetah-v5", agent=agent, steps=total, seed=seed, out=out, samples=K,
+            iters=N, warmup=warmup, eval_interval=0, checkpoint_interval=10**9,
+            buffer_size=100_000,
+        )  # fmt: skip
+        Trainer(opts, on_progress=on_progress).run()
+    steps = total - 1 - (warmup + 1)
+    seconds = marks["end"] - marks["start"]
+    return {
+        "env_steps_per_s": steps / seconds,
+        "ms_per_step": 1e3 * seconds / steps,
+        "steps": steps,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--warmup", type=int, default=5000, help="random steps before updates")
+    p.add_argument("--updates", type=int, default=2000, help="timed steps with one update each")
+    p.add_argument("--iter-updates", type=int, default=200, help="timed steps for iterative")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-sb3", action="store_true", help="do not run stable-baselines3")
+    p.add_argument("--json", default="", help="also write the results here")
+    args = p.parse_args()
+    tune_malloc()
+    S, A, B = 17, 6, 256
+    results: dict = {"threads": torch.get_num_threads()}
+
+    print(
+        f"HalfCheetah-v5, batch {B}, one update per env step, "
+        f"timed after {args.warmup} random steps"
+    )
+    ours = measure_mbplan("direct", 1, 1, args.warmup, args.updates, args.seed)
+    results["mbplan_direct_k1"] = ours
+    print(f"mbplan direct K=1      {ours['env_steps_per_s']:7.1f} env steps/s  "
+          f"({ours['ms_per_step']:.2f} ms/step)")  # fmt: skip
+    if not args.skip_sb3:
+        from sb3_reference import measure_sb3_sac
+
+        sb3 = measure_sb3_sac("HalfCheetah-v5", args.warmup, args.updates, B, seed=args.seed)
+        if sb3 is None:
+            print("stable-baselines3 not installed (pip install stable-baselines3): no ratio")
+        else:
+            results["sb3_sac"] = sb3
+            ratio = ours["env_steps_per_s"] / sb3["env_steps_per_s"]
+            results["ratio_vs_sb3"] = ratio
+            print(f"SB3 SAC                {sb3['env_steps_per_s']:7.1f} env steps/s  "
+                  f"({sb3['ms_per_step']:.2f} ms/step)")  # fmt: skip
+            print(f"ratio mbplan / SB3     {ratio:7.2f}x   (target >= 1.5x)")
+
+    peak = gemm_peak()
+    results["gemm_peak_gmacs"] = peak / 1e9
+    print(f"measured GEMM peak     {peak / 1e9:7.1f} G multiply-adds/s")
+    for agent, updates in (("direct", args.updates), ("iterative", args.iter_updates)):
+        K, N = 10, 5
+        r = measure_mbplan(agent, K, N, args.warmup, updates, args.seed)
+        macs = update_macs(S, A, B, K, N, agent)
+        frac = macs / (r["ms_per_step"] / 1e3) / peak
+        results[f"mbplan_{agent}_k10"] = {
+            **r,
+            "gmacs_per_update": macs / 1e9,
+            "peak_fraction": frac,
+        }
+        print(f"mbplan {agent:9s} K=10 N=5: {r['ms_per_step']:7.1f} ms/update (whole step), "
+              f"{macs / 1e9:.2f} G MAC/update, {100 * frac:.0f}% of peak")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""The agent: twin-Q critic, a planner as policy (``direct`` or ``iterative``), and learned α.
+
+Soft actor-critic with KL to a uniform prior and pessimism β (DESIGN.md §3, §5); the policy is
+whatever λ the planner returns. Marino et al., *Iterative Amortized Policy Optimization*, 2021.
+
+Shapes: B batch · K samples · S state dims · A action dims · E critics.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mbplan.distributions import TanhNormal, target_kl, uniform_log_prob
+from mbplan.models.critic import EnsembleQ
+from mbplan.models.flat import flatten_into, views_intact
+from mbplan.objective import Objective, make_objective, pessimistic
+from mbplan.planners import AmortizedPlanner, make_planner
+from mbplan.replay import Batch
+
+AGENTS = ("direct", "iterative")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Hyperparameters of an :class:`Agent` (defaults from DESIGN.md).
+
+    Attributes:
+        agent: ``direct`` (SAC-like network) or ``iterative`` (iterative amortized optimizer).
+        beta: Pessimism β of Q̂ = mean − β·std over the critics (2.5 recommended for iterative).
+        n_iters: Iterations N of the iterative optimizer (train and act).
+        n_samples: Samples K per state in Ĵ.
+        gamma: Discount γ.
+        tau: Polyak rate τ of the target critics.
+        lr: Adam learning rate of every parameter group.
+        hidden: Width of every 2-layer MLP.
+        n_critics: E.
+    """
+
+    agent: str = "direct"
+    beta: float = 1.0
+    n_iters: int = 5
+    n_samples: int = 10
+    gamma: float = 0.99
+    tau: float = 0.005
+    lr: float = 3e-4
+    hidden: int = 256
+    n_critics: int = 2
+
+
+class Agent(nn.Module):
+    """Critic + target critic + planner + log α, with their optimizers.
+
+    Args:
+        state_dim: S.
+        action_dim: A.
+        config: :class:`AgentConfig`.
+    """
+
+    def __init__(self, state_dim: int, action_dim: int, config: AgentConfig):
+        super().__init__()
+        if config.agent not in AGENTS:
+            raise ValueError(f"unknown agent {config.agent!r}; choose from {', '.join(AGENTS)}")
+        self.state_dim, self.action_dim, self.config = state_dim, action_dim, config
+        self.critic = EnsembleQ(state_dim, action_dim, config.n_critics, config.hidden)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        extra = {"n_iters": config.n_iters} if config.agent == "iterative" else {}
+        planner = make_planner(
+            config.agent, state_dim=state_dim, action_dim=action_dim, hidden=config.hidden, **extra
+        )
+        assert isinstance(planner, AmortizedPlanner)
+        self.planner: AmortizedPlanner = planner
+        self.log_alpha = nn.Parameter(torch.zeros(()))
+        # One Adam over every trained parameter, all living in one flat buffer. The critic, planner
+        # and α losses touch disjoint parameters (Ĵ uses the frozen target critics, the critic
+        # target is computed without gradients), so one backward of their sum and one fused step
+        # equal three separate updates, with far fewer ops.
+        self._trained = [*self.critic.parameters(), *self.planner.parameters(), self.log_alpha]
+        self._n_critic = sum(p.numel() for p in self.critic.parameters())
+        self._flatten()
+
+    def _flatten(self) -> None:
+        """(Re)build the flat parameter buffers and the optimizer over them."""
+        # A plain dict: the flat buffers must not register as (duplicate) module parameters.
+        self._flat = {
+            "trained": flatten_into(self._trained, with_grad=True),
+            "target": flatten_into(list(self.target_critic.parameters()), with_grad=False),
+        }
+        self.optim = torch.optim.Adam([self._flat["trained"]], lr=self.config.lr, fused=True)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if hasattr(self, "_flat") and not views_intact(self._trained, self._flat["trained"]):
+            state = copy.deepcopy(self.optim.state_dict())
+            self._flatten()
+            self.optim.load_state_dict(state)
+        return self
+
+    @property
+    def alpha(self) -> Tensor:
+        """α = exp(log α), detached."""
+        return self.log_alpha.detach().exp()
+
+    def objective(self) -> Objective:
+        """Ĵ(s, λ) on the frozen target critics with pessimism β and the current α."""
+        critic, beta = self.target_critic, self.config.beta
+        return make_objective(
+            lambda s, a: pessimistic(critic(s, a), beta),
+            alpha=self.alpha,
+            n_samples=self.config.n_samples,
+            state_dim=self.state_dim,
+            action_dim=self.action_dim,
+        )
+
+    def policy(self, states: Tensor, generator: torch.Generator | None = None) -> TanhNormal:
+        """The agent's final-iterate policy λ at states [B, S] (no graph to the weights)."""
+        with torch.no_grad():
+            if self.config.agent == "direct":
+                return self.planner(states)
+            return self.planner.plan(
+                self.objective(), states, generator=generator, record_objective=False
+            ).dist
+
+    def act(
+        self, state: np.ndarray, deterministic: bool, generator: torch.Generator | None = None
+    ) -> np.ndarray:
+        """One action in (−1, 1)^A: tanh(μ) if deterministic, else a sample."""
+        device = self.log_alpha.device
+        s = torch.as_tensor(state, dtype=torch.float32, device=device).unsqueeze(0)  # (1, S)
+        dist = self.policy(s, generator)
+        action = dist.mode() if deterministic else dist.rsample(1, generator)[0][0]
+        return action.reshape(-1).cpu().numpy()
+
+    def critic_target(self, batch: Batch, generator: torch.Generator | None) -> Tensor:
+        """y = r + γ(1 − terminal)[Q̂_β(s', a') − α·KL̂(π(·|s') ‖ p)], a' ~ π(·|s'); [B]."""
+        dist = self.policy(batch.next_states, generator)
+        with torch.no_grad():
+            actions, pre_tanh = dist.rsample(1, generator)  # (1, B, A)
+            kl = dist.log_prob(pre_tanh)[0] - uniform_log_prob(self.action_dim)  # (B,)
+            q = pessimistic(self.target_critic(batch.next_states, actions[0]), self.config.beta)
+            not_done = 1.0 - batch.terminated
+            return batch.rewards + self.config.gamma * not_done * (q - self.alpha * kl)
+
+    def critic_loss(self, batch: Batch, target: Tensor) -> Tensor:
+        """0.5·Σ_E (Q_e(s, a) − y)², averaged over the batch."""
+        q = self.critic(batch.states, batch.actions)  # (E, B)
+        return 0.5 * (q - target).square().sum(0).mean()
+
+    def update(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """One gradient update of critic, planner and α, then Polyak averaging.
+
+        Returns:
+            Detached scalar metrics: critic/actor/alpha losses, α, KL, mean critic target, and for
+            the iterative agent the improvement Ĵ(λ_N) − Ĵ(λ_0).
+        """
+        # Critic: regress on the one-step model-free target
+        target = self.critic_target(batch, generator)
+        critic_loss = self.critic_loss(batch, target)
+
+        # Policy / optimizer: maximise Ĵ on the frozen target critics
+        actor_loss, result = self.planner.loss(self.objective(), batch.states, generator)
+
+        # α towards the KL target, from the KL̂ of the final λ's evaluation
+        assert result.final is not None
+        kl = result.final.kl.detach().mean()
+        alpha_loss = -self.log_alpha.exp() * (kl - target_kl(self.action_dim))
+
+        # One backward and one fused step for all three (disjoint parameters)
+        flat = self._flat["trained"]
+        flat.grad.zero_()
+        (critic_loss + actor_loss + alpha_loss).backward()
+        self.optim.step()
+
+        # Target critics (the critic's parameters come first in the flat buffer)
+        with torch.no_grad():
+            self._flat["target"].lerp_(flat[: self._n_critic], self.config.tau)
+
+        metrics = {
+            "critic_loss": critic_loss.detach(),
+            "actor_loss": actor_loss.detach(),
+            "alpha_loss": alpha_loss.detach(),
+            "alpha": self.alpha,
+            "kl": kl,
+            "q_target": target.mean(),
+        }
+        if self.config.agent == "iterative":
+            metrics["improvement"] = result.improvement().detach().mean()
+        return metrics
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers by name (for checkpoints)."""
+        return {"adam": self.optim}

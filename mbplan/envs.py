@@ -1,0 +1,102 @@
+"""Environment handling, all in one place: gymnasium env creation, action rescaling, rendering.
+
+Agents see actions in (−1, 1)^A; :func:`make_env` maps them linearly to the env's bounds.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from mbplan.errors import UserError
+
+
+def _default_gl() -> None:
+    """Headless MuJoCo rendering: pick OSMesa unless the user chose a backend or has a display."""
+    if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+        os.environ["MUJOCO_GL"] = "osmesa"
+        os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What an agent needs to know about an env.
+
+    Attributes:
+        env_id: Gymnasium id, e.g. ``HalfCheetah-v5``.
+        state_dim: S.
+        action_dim: A.
+        dt: Simulation time per env step (seconds), or None if unknown.
+        max_episode_steps: Time limit, or None.
+    """
+
+    env_id: str
+    state_dim: int
+    action_dim: int
+    dt: float | None
+    max_episode_steps: int | None
+
+
+def make_env(env_id: str, seed: int | None = None, render: bool = False):
+    """Create a continuous-action gymnasium env with actions rescaled to (−1, 1).
+
+    Args:
+        env_id: Gymnasium id.
+        seed: Seeds the action space (the first ``reset`` takes its own seed).
+        render: Create it with ``render_mode="rgb_array"`` for offscreen frames.
+
+    Returns:
+        The wrapped env.
+
+    Raises:
+        UserError: Unknown id, or an env whose actions or observations are not 1-D boxes.
+    """
+    _default_gl()
+    import gymnasium as gym
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            env = gym.make(env_id, render_mode="rgb_array" if render else None)
+    except gym.error.Error as exc:
+        raise UserError(f"unknown or unavailable env {env_id!r}: {exc}") from None
+    except (ImportError, ModuleNotFoundError) as exc:
+        raise UserError(f"env {env_id!r} needs a missing dependency: {exc}") from None
+    if not isinstance(env.action_space, gym.spaces.Box) or len(env.action_space.shape) != 1:
+        env.close()
+        raise UserError(f"env {env_id!r} does not have continuous (Box) actions; mbplan needs them")
+    if (
+        not isinstance(env.observation_space, gym.spaces.Box)
+        or len(env.observation_space.shape) != 1
+    ):
+        env.close()
+        raise UserError(f"env {env_id!r} needs a flat Box observation space")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
+    if seed is not None:
+        env.action_space.seed(seed)
+    return env
+
+
+def env_spec(env) -> EnvSpec:
+    """The :class:`EnvSpec` of an env made by :func:`make_env`."""
+    dt = getattr(env.unwrapped, "dt", None)
+    spec = env.spec
+    return EnvSpec(
+        env_id=spec.id if spec is not None else "unknown",
+        state_dim=int(env.observation_space.shape[0]),
+        action_dim=int(env.action_space.shape[0]),
+        dt=float(dt) if dt is not None else None,
+        max_episode_steps=spec.max_episode_steps if spec is not None else None,
+    )
+
+
+def write_video(frames: list[np.ndarray], path: str, fps: int = 30) -> None:
+    """Write RGB frames [H, W, 3] as an MP4 (imageio + ffmpeg)."""
+    import imageio.v2 as imageio
+
+    imageio.mimsave(path, frames, fps=fps, macro_block_size=1)

@@ -1,0 +1,355 @@
+"""Model-free training loop: collect, update, evaluate, checkpoint, resume (DESIGN.md §5, §7).
+
+A run folder holds ``config.json`` (every option and the mbplan version), ``metrics.jsonl`` (one
+JSON object per line) and checkpoints (``ckpt-<step>/``: weights, optimizer state, replay buffer and
+RNG state in safetensors, counters in JSON). ``resume`` continues from the newest completed one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import mbplan
+from mbplan.agent import AGENTS, Agent, AgentConfig
+from mbplan.checkpoint import (
+    atomic_write_text,
+    find_checkpoint,
+    load_checkpoint,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_checkpoint,
+)
+from mbplan.cli_args import option
+from mbplan.envs import EnvSpec, env_spec, make_env, write_video
+from mbplan.errors import UserError
+from mbplan.perf import tune_malloc
+from mbplan.replay import ReplayBuffer
+
+
+@dataclass
+class TrainOptions:
+    """Options of ``mbplan train``."""
+
+    env: str = option("HalfCheetah-v5", "gymnasium env id with continuous actions")
+    agent: str = option("direct", "policy: direct network or iterative optimizer", choices=AGENTS)
+    steps: int = option(200_000, "total env steps (one gradient update per step after warm-up)")
+    seed: int = option(0, "seed of weights, sampling noise and env resets")
+    out: str = option("runs/run", "run folder (config, metrics.jsonl, checkpoints)")
+    beta: float = option(1.0, "pessimism β: Q̂ = mean − β·std over critics (2.5 for iterative)")
+    iters: int = option(5, "iterations N of the iterative optimizer (train and act)")
+    samples: int = option(10, "samples K per state in the objective")
+    batch_size: int = option(256, "batch size of every update")
+    lr: float = option(3e-4, "Adam learning rate of every parameter group")
+    gamma: float = option(0.99, "discount γ")
+    tau: float = option(0.005, "Polyak rate τ of the target critics")
+    warmup: int = option(5000, "uniformly random env steps before the first update")
+    buffer_size: int = option(1_000_000, "replay capacity (transitions)")
+    eval_interval: int = option(5000, "env steps between evaluations (0 = never)")
+    eval_episodes: int = option(5, "deterministic (tanh μ) episodes per evaluation")
+    checkpoint_interval: int = option(10_000, "env steps between checkpoints")
+    log_interval: int = option(1000, "env steps between training-metric lines")
+    device: str = option("cpu", "torch device: cpu or cuda")
+    wandb: bool = option(False, "log to Weights & Biases (offline unless WANDB_MODE says online)")
+
+    def agent_config(self) -> AgentConfig:
+        """The agent hyperparameters among these options."""
+        return AgentConfig(
+            agent=self.agent,
+            beta=self.beta,
+            n_iters=self.iters,
+            n_samples=self.samples,
+            gamma=self.gamma,
+            tau=self.tau,
+            lr=self.lr,
+        )
+
+    def validate(self) -> None:
+        """Raise :class:`UserError` on values no run can use."""
+        positive = ("steps", "iters", "samples", "batch_size", "buffer_size", "checkpoint_interval")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        for name in ("warmup", "eval_interval", "eval_episodes"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+        for name in ("beta", "lr", "gamma", "tau"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"--{name} must be finite")
+        if self.agent not in AGENTS:
+            raise UserError(f"unknown agent {self.agent!r}; choose from {', '.join(AGENTS)}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda requested but CUDA is not available")
+
+
+# -- agents in and out of checkpoints ---------------------------------------------------------
+
+
+def agent_tensors(agent: Agent) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Weights and optimizer state as safetensors groups, plus JSON optimizer settings."""
+    groups = {"weights": dict(agent.state_dict())}
+    settings = {}
+    for name, opt in agent.optimizers().items():
+        groups[f"optim_{name}"], settings[name] = optimizer_to_tensors(opt)
+    return groups, settings
+
+
+def restore_agent(agent: Agent, groups: dict[str, dict[str, torch.Tensor]], meta: dict) -> None:
+    """Load weights (and optimizer state when present) into ``agent``.
+
+    Raises:
+        UserError: The checkpoint does not fit this agent (other env shape, other agent kind).
+    """
+    try:
+        agent.load_state_dict(groups["weights"])
+        for name, opt in agent.optimizers().items():
+            if f"optim_{name}" in groups and name in meta.get("optimizers", {}):
+                optimizer_from_tensors(opt, groups[f"optim_{name}"], meta["optimizers"][name])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise UserError(f"checkpoint does not fit the agent: {str(exc).splitlines()[0]}") from None
+
+
+def load_agent(path: str | Path, device: str = "cpu") -> tuple[Agent, dict[str, Any]]:
+    """Build the agent of a run folder or checkpoint and load its weights.
+
+    Returns:
+        (agent in eval mode, the run's config dict with an ``env_spec`` entry).
+    """
+    groups, meta = load_checkpoint(path)
+    config = meta.get("config")
+    spec = meta.get("env_spec")
+    if not isinstance(config, dict) or not isinstance(spec, dict):
+        raise UserError(f"corrupt checkpoint {find_checkpoint(path)}: no config or env_spec")
+    known = {f.name for f in fields(TrainOptions)}
+    opts = TrainOptions(**{k: v for k, v in config.items() if k in known})
+    agent = Agent(spec["state_dim"], spec["action_dim"], opts.agent_config()).to(device)
+    restore_agent(agent, groups, meta)
+    return agent, {**config, "env_spec": spec}
+
+
+def check_env_matches(spec: EnvSpec, saved: dict[str, Any]) -> None:
+    """Raise :class:`UserError` if an env's sizes differ from a checkpoint's."""
+    if (spec.state_dim, spec.action_dim) != (saved["state_dim"], saved["action_dim"]):
+        raise UserError(
+            f"checkpoint was trained on S={saved['state_dim']}, A={saved['action_dim']} "
+            f"({saved.get('env_id')}); {spec.env_id} has S={spec.state_dim}, A={spec.action_dim}"
+        )
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+
+
+def evaluate(
+    agent: Agent,
+    env,
+    episodes: int,
+    seed: int,
+    video_frames: list | None = None,
+    generator: torch.Generator | None = None,
+) -> list[float]:
+    """Deterministic (tanh μ) episodes; returns their undiscounted returns.
+
+    If ``video_frames`` is a list, frames of the first episode are appended to it (the env must
+    have been made with ``render=True``).
+    """
+    returns = []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        total, done = 0.0, False
+        while not done:
+            if video_frames is not None and ep == 0:
+                video_frames.append(env.render())
+            obs, reward, terminated, truncated, _ = env.step(agent.act(obs, True, generator))
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    return returns
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs one training job in a run folder (fresh or resumed).
+
+    Args:
+        opts: :class:`TrainOptions`.
+        resume: Continue from the newest completed checkpoint in ``opts.out``.
+        on_progress: Called after every env step with (step, stats dict) — the CLI's progress bar.
+    """
+
+    def __init__(
+        self,
+        opts: TrainOptions,
+        resume: bool = False,
+        on_progress: Callable[[int, dict[str, Any]], None] | None = None,
+    ):
+        opts.validate()
+        tune_malloc()
+        self.opts, self.on_progress = opts, on_progress
+        self.run_dir = Path(opts.out)
+        self.device = torch.device(opts.device)
+        torch.manual_seed(opts.seed)
+        self.env = make_env(opts.env, seed=opts.seed)
+        self.eval_env = make_env(opts.env, seed=opts.seed + 1)
+        self.spec = env_spec(self.env)
+        self.agent = Agent(self.spec.state_dim, self.spec.action_dim, opts.agent_config()).to(
+            self.device
+        )
+        self.buffer = ReplayBuffer(self.spec.state_dim, self.spec.action_dim, opts.buffer_size)
+        self.generator = torch.Generator(device=self.device).manual_seed(opts.seed)
+        self.cpu_generator = torch.Generator().manual_seed(opts.seed + 7)
+        self.step = 0
+        self.episode = 0
+        self.last_eval: float | None = None
+        if resume:
+            self._resume()
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config = {**asdict(opts), "mbplan_version": mbplan.__version__}
+            config["env_spec"] = asdict(self.spec)
+            atomic_write_text(self.run_dir / "config.json", json.dumps(config, indent=1))
+            (self.run_dir / "metrics.jsonl").write_text("")
+        self._wandb = self._init_wandb() if opts.wandb else None
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self) -> Path:
+        """Write a checkpoint of everything needed to continue."""
+        groups, optim_settings = agent_tensors(self.agent)
+        groups["replay"] = self.buffer.state_dict()
+        groups["rng"] = {
+            "generator": self.generator.get_state(),
+            "cpu_generator": self.cpu_generator.get_state(),
+            "torch": torch.get_rng_state(),
+        }
+        meta = {
+            "config": asdict(self.opts),
+            "env_spec": asdict(self.spec),
+            "mbplan_version": mbplan.__version__,
+            "optimizers": optim_settings,
+            "episode": self.episode,
+            "last_eval": self.last_eval,
+        }
+        return save_checkpoint(self.run_dir, self.step, groups, meta)
+
+    def _resume(self) -> None:
+        groups, meta = load_checkpoint(self.run_dir)
+        check_env_matches(self.spec, meta["env_spec"])
+        restore_agent(self.agent, groups, meta)
+        self.buffer.load_state_dict(groups["replay"])
+        self.generator.set_state(groups["rng"]["generator"])
+        self.cpu_generator.set_state(groups["rng"]["cpu_generator"])
+        torch.set_rng_state(groups["rng"]["torch"])
+        self.step, self.episode = int(meta["step"]), int(meta["episode"])
+        self.last_eval = meta.get("last_eval")
+        # Drop metric lines written after that checkpoint (the killed process's tail).
+        path = self.run_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+    # -- logging -------------------------------------------------------------------------------
+    def _init_wandb(self):
+        import os
+
+        import wandb
+
+        os.environ.setdefault("WANDB_MODE", "offline")
+        return wandb.init(
+            project="mbplan", config=asdict(self.opts), dir=str(self.run_dir), resume="allow"
+        )
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one JSON line to ``metrics.jsonl`` (and wandb when on)."""
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(record, step=record.get("step"))
+
+    # -- main loop -----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train until ``opts.steps`` env steps; returns a summary."""
+        opts, agent = self.opts, self.agent
+        obs, _ = self.env.reset(seed=opts.seed * 100_003 + self.episode)
+        ep_return, ep_len = 0.0, 0
+        sums: dict[str, float] = {}
+        n_updates, start, start_step = 0, time.perf_counter(), self.step
+        while self.step < opts.steps:
+            # Act
+            if self.step < opts.warmup:
+                action = torch.rand(self.spec.action_dim, generator=self.cpu_generator) * 2 - 1
+                action = action.numpy()
+            else:
+                action = agent.act(obs, deterministic=False, generator=self.generator)
+            next_obs, reward, terminated, truncated, _ = self.env.step(action)
+            self.buffer.add(obs, action, reward, next_obs, terminated)
+            obs, ep_return, ep_len = next_obs, ep_return + float(reward), ep_len + 1
+            self.step += 1
+            if terminated or truncated:
+                self.log({"step": self.step, "episode": self.episode, "episode_return": ep_return,
+                          "episode_length": ep_len})  # fmt: skip
+                self.episode += 1
+                obs, _ = self.env.reset(seed=opts.seed * 100_003 + self.episode)
+                ep_return, ep_len = 0.0, 0
+
+            # Update
+            if self.step > opts.warmup:
+                batch = self.buffer.sample(opts.batch_size, self.cpu_generator).to(self.device)
+                for k, v in agent.update(batch, self.generator).items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n_updates += 1
+                if self.step % opts.log_interval == 0:
+                    record = {k: v / n_updates for k, v in sums.items()}
+                    elapsed = time.perf_counter() - start
+                    record.update(step=self.step, steps_per_s=(self.step - start_step) / elapsed)
+                    self.log(record)
+                    sums, n_updates = {}, 0
+
+            # Evaluate and checkpoint
+            if opts.eval_interval and self.step % opts.eval_interval == 0 and opts.eval_episodes:
+                returns = evaluate(agent, self.eval_env, opts.eval_episodes, seed=10**6 + self.step)
+                self.last_eval = float(np.mean(returns))
+                std = float(np.std(returns))
+                self.log({"step": self.step, "eval_return_mean": self.last_eval,
+                          "eval_return_std": std, "eval_returns": returns})  # fmt: skip
+            if self.step % opts.checkpoint_interval == 0 or self.step == opts.steps:
+                self.save()
+            if self.on_progress is not None:
+                self.on_progress(
+                    self.step, {"eval": self.last_eval, "updating": self.step > opts.warmup}
+                )
+        if self._wandb is not None:
+            self._wandb.finish()
+        elapsed = time.perf_counter() - start
+        return {
+            "steps": self.step,
+            "episodes": self.episode,
+            "last_eval": self.last_eval,
+            "seconds": elapsed,
+            "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9),
+        }
+
+
+def eval_checkpoint(
+    checkpoint: str, episodes: int, seed: int, video: str | None, env_id: str | None = None
+) -> list[float]:
+    """Run deterministic episodes of a checkpoint's agent, optionally writing an MP4."""
+    agent, config = load_agent(checkpoint)
+    env = make_env(env_id or config["env"], seed=seed, render=video is not None)
+    check_env_matches(env_spec(env), config["env_spec"])
+    frames: list | None = [] if video else None
+    returns = evaluate(agent, env, episodes, seed, frames)
+    if video and frames:
+        fps = round(1.0 / config["env_spec"]["dt"]) if config["env_spec"].get("dt") else 30
+        write_video(frames, video, fps=fps)
+    return returns
