@@ -58,6 +58,9 @@ class TrainOptions:
     checkpoint_interval: int = option(10_000, "env steps between checkpoints")
     log_interval: int = option(1000, "env steps between training-metric lines")
     device: str = option("cpu", "torch device: cpu or cuda")
+    threads: int = option(
+        0, "torch CPU threads (0 = one per core); 1 when running jobs side by side"
+    )
     wandb: bool = option(False, "log to Weights & Biases (offline unless WANDB_MODE says online)")
 
     def agent_config(self) -> AgentConfig:
@@ -196,6 +199,8 @@ class Trainer:
     ):
         opts.validate()
         tune_malloc()
+        if opts.threads > 0:
+            torch.set_num_threads(opts.threads)
         self.opts, self.on_progress = opts, on_progress
         self.run_dir = Path(opts.out)
         self.device = torch.device(opts.device)
@@ -212,6 +217,7 @@ class Trainer:
         self.step = 0
         self.episode = 0
         self.last_eval: float | None = None
+        self.train_seconds = 0.0  # wall-clock spent in run(), summed over resumes
         if resume:
             self._resume()
         else:
@@ -239,6 +245,7 @@ class Trainer:
             "optimizers": optim_settings,
             "episode": self.episode,
             "last_eval": self.last_eval,
+            "train_seconds": self.train_seconds,
         }
         return save_checkpoint(self.run_dir, self.step, groups, meta)
 
@@ -252,6 +259,7 @@ class Trainer:
         torch.set_rng_state(groups["rng"]["torch"])
         self.step, self.episode = int(meta["step"]), int(meta["episode"])
         self.last_eval = meta.get("last_eval")
+        self.train_seconds = float(meta.get("train_seconds", 0.0))
         # Drop metric lines written after that checkpoint (the killed process's tail).
         path = self.run_dir / "metrics.jsonl"
         lines = path.read_text().splitlines() if path.exists() else []
@@ -284,6 +292,7 @@ class Trainer:
         ep_return, ep_len = 0.0, 0
         sums: dict[str, float] = {}
         n_updates, start, start_step = 0, time.perf_counter(), self.step
+        seconds_before = self.train_seconds
         while self.step < opts.steps:
             # Act
             if self.step < opts.warmup:
@@ -295,6 +304,7 @@ class Trainer:
             self.buffer.add(obs, action, reward, next_obs, terminated)
             obs, ep_return, ep_len = next_obs, ep_return + float(reward), ep_len + 1
             self.step += 1
+            self.train_seconds = seconds_before + time.perf_counter() - start
             if terminated or truncated:
                 self.log({"step": self.step, "episode": self.episode, "episode_return": ep_return,
                           "episode_length": ep_len})  # fmt: skip
@@ -321,7 +331,8 @@ class Trainer:
                 self.last_eval = float(np.mean(returns))
                 std = float(np.std(returns))
                 self.log({"step": self.step, "eval_return_mean": self.last_eval,
-                          "eval_return_std": std, "eval_returns": returns})  # fmt: skip
+                          "eval_return_std": std, "eval_returns": returns,
+                          "train_seconds": self.train_seconds})  # fmt: skip
             if self.step % opts.checkpoint_interval == 0 or self.step == opts.steps:
                 self.save()
             if self.on_progress is not None:

@@ -69,5 +69,5 @@ class EnsembleQ(nn.Module):
         x = torch.cat([states.expand(*lead, states.shape[-1]), actions], -1)
         x = x.reshape(-1, x.shape[-1])  # (N, S+A)
         for layer in self.hidden:
-            x = torch.relu(layer(x))  # (E, N, hidden)
+            x = layer(x).relu_()  # (E, N, hidden); in place: baddbmm keeps its input, not output
         return self.head(x).reshape(self.n_members, *lead)  # (E, ...)

@@ -21,7 +21,7 @@ def mlp(
         out_dim: Output width (0 builds the trunk alone, without a head).
         hidden: Width of each hidden layer.
         n_hidden: Number of hidden layers.
-        activation: Activation class, e.g. ``nn.ReLU`` or ``nn.LeakyReLU``.
+        activation: Activation class taking ``inplace`` (``nn.ReLU``, ``nn.LeakyReLU``).
         layer_norm: Insert LayerNorm before each activation.
         zero_last: Zero-initialise the head's weight and bias.
     """
@@ -31,7 +31,7 @@ def mlp(
         layers.append(nn.Linear(width, hidden))
         if layer_norm:
             layers.append(nn.LayerNorm(hidden))
-        layers.append(activation())
+        layers.append(activation(inplace=True))
         width = hidden
     if out_dim > 0:
         head = nn.Linear(width, out_dim)
