@@ -68,7 +68,13 @@ def save_checkpoint(
     for name, tensors in groups.items():
         path = tmp / f"{name}.safetensors"
         # clone: parameters may be views into one flat buffer, which safetensors refuses to share
-        save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, str(path))
+        save_file(
+            {
+                k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                for k, v in tensors.items()
+            },
+            str(path),
+        )
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     atomic_write_text(tmp / "meta.json", json.dumps({**meta, "step": step}, indent=1))

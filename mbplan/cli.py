@@ -68,6 +68,7 @@ class EvalOptions:
     episodes: int = option(10, "deterministic (tanh μ) episodes")
     seed: int = option(0, "seed of the episodes' resets")
     video: str = option("", "write the first episode as an MP4 here (MuJoCo offscreen)")
+    env: str = option("", "evaluate on this env id instead of the run's (sizes must match)")
 
 
 def _train(opts: TrainCommand, explicit: set[str]) -> None:
@@ -96,13 +97,8 @@ def _train(opts: TrainCommand, explicit: set[str]) -> None:
         train_opts = TrainOptions(**{f.name: getattr(opts, f.name) for f in fields(TrainOptions)})
     train_opts.validate()
 
-    bar = tqdm(
-        total=train_opts.steps,
-        unit="step",
-        dynamic_ncols=True,
-        desc=train_opts.agent,
-        mininterval=1.0,
-    )
+    # Build (and validate env, checkpoint) before the bar exists: errors stay one line.
+    bar = None
     state = {"t": time.perf_counter(), "updates": 0}
 
     def on_progress(step: int, info: dict) -> None:
@@ -118,8 +114,18 @@ def _train(opts: TrainCommand, explicit: set[str]) -> None:
             state["t"], state["updates"] = time.perf_counter(), 0
 
     trainer = Trainer(train_opts, resume=resume, on_progress=on_progress)
-    summary = trainer.run()
-    bar.close()
+    bar = tqdm(
+        total=train_opts.steps,
+        initial=trainer.step,
+        unit="step",
+        dynamic_ncols=True,
+        desc=train_opts.agent,
+        mininterval=1.0,
+    )
+    try:
+        summary = trainer.run()
+    finally:
+        bar.close()
     last = summary["last_eval"]
     print(
         f"trained {train_opts.agent} on {train_opts.env}: {summary['steps']} steps, "
@@ -135,7 +141,9 @@ def _eval(opts: EvalOptions) -> None:
         raise UserError("--checkpoint is required")
     if opts.episodes < 1:
         raise UserError("--episodes must be >= 1")
-    returns = eval_checkpoint(opts.checkpoint, opts.episodes, opts.seed, opts.video or None)
+    returns = eval_checkpoint(
+        opts.checkpoint, opts.episodes, opts.seed, opts.video or None, opts.env or None
+    )
     mean, std = statistics.fmean(returns), statistics.pstdev(returns)
     print(f"return {mean:.1f} ± {std:.1f} over {len(returns)} episodes")
     if opts.video:
@@ -163,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full parser: ``mbplan GROUP COMMAND [options]``."""
     parser = _Parser(
         prog="mbplan",
+        allow_abbrev=False,
         description="Model-based planning with iterative amortized policy optimization.",
     )
     parser.add_argument("--version", action="version", version=f"mbplan {mbplan.__version__}")
@@ -171,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     for group, commands in COMMANDS.items():
         if "" in commands:  # a command without subcommands
             help_text, opts_cls, handler = commands[""]
-            cp = groups.add_parser(group, help=help_text, description=help_text)
+            cp = groups.add_parser(group, help=help_text, description=help_text, allow_abbrev=False)
             add_dataclass_args(cp, opts_cls)
             cp.set_defaults(_opts_cls=opts_cls, _handler=handler)
             continue
@@ -179,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = gp.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=_Parser)
         sub.required = True
         for name, (help_text, opts_cls, handler) in commands.items():
-            cp = sub.add_parser(name, help=help_text, description=help_text)
+            cp = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
             add_dataclass_args(cp, opts_cls)
             cp.set_defaults(_opts_cls=opts_cls, _handler=handler)
     return parser

@@ -179,6 +179,15 @@ def evaluate(
     return returns
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line, or None for a blank or half-written one (a killed tail)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return int(record.get("step", 0)) if isinstance(record, dict) else None
+
+
 # -- the loop ------------------------------------------------------------------------------------
 
 
@@ -263,8 +272,12 @@ class Trainer:
         # Drop metric lines written after that checkpoint (the killed process's tail).
         path = self.run_dir / "metrics.jsonl"
         lines = path.read_text().splitlines() if path.exists() else []
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+        kept = [ln for ln in lines if _step_of(ln) is not None and _step_of(ln) <= self.step]
         atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+        # config.json follows the resumed options (e.g. a new --steps)
+        config = json.loads((self.run_dir / "config.json").read_text())
+        config.update(asdict(self.opts))
+        atomic_write_text(self.run_dir / "config.json", json.dumps(config, indent=1))
 
     # -- logging -------------------------------------------------------------------------------
     def _init_wandb(self):
