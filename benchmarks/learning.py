@@ -4,7 +4,7 @@ Runs each (env, agent, seed) job through ``mbplan train`` in a subprocess, one a
 ``--out``/<env>-<agent>-s<seed>. A job that has a checkpoint is resumed; a finished one is
 skipped, so the script can be killed and restarted at any time. Then it writes ``results.csv``,
 ``results.json`` and ``learning_curves.png`` (eval return, mean ± std over seeds, against env
-steps and against wall-clock) into ``--out``.
+steps and against wall-clock) into ``--results``/<suite>.
 
     python benchmarks/learning.py --suite pendulum          # CPU-sized (see SUITES)
     python benchmarks/learning.py --suite halfcheetah
@@ -147,7 +147,7 @@ def read_evals(run: Path) -> list[dict]:
     return rows
 
 
-def report(jobs: list[Job], out: Path) -> list[dict]:
+def report(jobs: list[Job], out: Path, results: Path) -> list[dict]:
     """Aggregate eval curves per (env, agent): table rows, CSV/JSON and a plot."""
     import matplotlib
 
@@ -189,11 +189,11 @@ def report(jobs: list[Job], out: Path) -> list[dict]:
         )
     if not rows:
         return rows
-    with open(out / "results.csv", "w", newline="") as f:
+    with open(results / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    (results / "results.json").write_text(json.dumps(rows, indent=1))
 
     envs = sorted({env for env, _ in curves})
     fig, axes = plt.subplots(len(envs), 2, figsize=(11, 3.8 * len(envs)), squeeze=False)
@@ -215,7 +215,7 @@ def report(jobs: list[Job], out: Path) -> list[dict]:
             ax.legend()
     fig.suptitle("Eval return, mean ± std over seeds")
     fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=120)
+    fig.savefig(results / "learning_curves.png", dpi=120)
     return rows
 
 
@@ -226,11 +226,21 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads per job (0 = all)")
     p.add_argument("--agents", nargs="+", default=["direct", "iterative"])
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="only these seeds")
+    p.add_argument(
+        "--results",
+        default="benchmarks/results/learning",
+        help="where results.csv/json and learning_curves.png go (committed)",
+    )
     p.add_argument("--report-only", action="store_true", help="only aggregate existing runs")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [j for j in SUITES[args.suite] if j.agent in args.agents]
+    if args.seeds is not None:
+        jobs = [j for j in jobs if j.seed in args.seeds]
+    results = Path(args.results) / args.suite
+    results.mkdir(parents=True, exist_ok=True)
 
     def log(msg: str) -> None:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
@@ -241,8 +251,8 @@ def main() -> None:
     if not args.report_only:
         for job in jobs:
             run_job(job, out, args.device, args.threads, log)
-            report(jobs, out)
-    for row in report(jobs, out):
+            report(SUITES[args.suite], out, results)
+    for row in report(SUITES[args.suite], out, results):
         print(
             f"{row['env']:16s} {row['agent']:9s} seeds={row['seeds']} steps={row['env_steps']:>7d}"
             f"  final {row['final_return_mean']:8.1f} ± {row['final_return_std']:6.1f}"

@@ -139,8 +139,8 @@ class Agent(nn.Module):
         """y = r + γ(1 − terminal)[Q̂_β(s', a') − α·KL̂(π(·|s') ‖ p)], a' ~ π(·|s'); [B]."""
         dist = self.policy(batch.next_states, generator)
         with torch.no_grad():
-            actions, pre_tanh = dist.rsample(1, generator)  # (1, B, A)
-            kl = dist.log_prob(pre_tanh)[0] - uniform_log_prob(self.action_dim)  # (B,)
+            actions, _, log_prob = dist.rsample_log_prob(1, generator)  # (1, B, A), (1, B)
+            kl = log_prob[0] - uniform_log_prob(self.action_dim)  # (B,)
             q = pessimistic(self.target_critic(batch.next_states, actions[0]), self.config.beta)
             not_done = 1.0 - batch.terminated
             return batch.rewards + self.config.gamma * not_done * (q - self.alpha * kl)

@@ -76,6 +76,28 @@ class TanhNormal:
         pre_tanh = self.loc + self.log_scale.exp() * eps
         return squash(pre_tanh), pre_tanh
 
+    def rsample_log_prob(
+        self, n_samples: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Reparameterized samples with their exact log-probabilities, in fewer ops.
+
+        Same values as :meth:`rsample` then :meth:`log_prob` (same generator draws): since
+        u = μ + σ·ε, the standardised value (u − μ)/σ is ε itself and tanh(u) is computed once.
+
+        Returns:
+            (actions [K, B, A], pre-tanh values [K, B, A], log π(a|s) [K, B]).
+        """
+        B, A = self.loc.shape
+        eps = torch.randn(
+            n_samples, B, A, generator=generator, dtype=self.loc.dtype, device=self.loc.device
+        )  # (K, B, A)
+        pre_tanh = self.loc + self.log_scale.exp() * eps
+        tanh = torch.tanh(pre_tanh)
+        log_det = torch.log(1 - tanh.square() + LOGDET_EPS)  # (K, B, A)
+        log_prob = (-0.5 * eps.square() - _LOG_SQRT_2PI - log_det).sum(-1) - self.log_scale.sum(-1)
+        actions = tanh.clamp(-1 + ACTION_EPS, 1 - ACTION_EPS)
+        return actions, pre_tanh, log_prob
+
     def log_prob(self, pre_tanh: Tensor) -> Tensor:
         """log π(a|s) of a = tanh(u) from the pre-tanh value u [K, B, A]; returns [K, B]."""
         z = (pre_tanh - self.loc) / self.log_scale.exp()

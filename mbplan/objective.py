@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mbplan.distributions import TanhNormal, kl_to_uniform
+from mbplan.distributions import TanhNormal, uniform_log_prob
 
 QFunction = Callable[[Tensor, Tensor], Tensor]
 
@@ -75,9 +75,9 @@ class Objective:
         generator: torch.Generator | None = None,
     ) -> ObjectiveValue:
         """Evaluate Ĵ at λ = ``dist`` for states [B, S] with ``n_samples`` (default K) samples."""
-        actions, pre_tanh = dist.rsample(n_samples or self.n_samples, generator)  # (K, B, A)
+        actions, pre_tanh, log_prob = dist.rsample_log_prob(n_samples or self.n_samples, generator)
         q = self.q_fn(states, actions)  # (K, B)
-        kl = kl_to_uniform(dist, pre_tanh)  # (B,)
+        kl = (log_prob - uniform_log_prob(actions.shape[-1])).mean(0)  # (B,) MC KL̂ to uniform
         alpha = self.alpha.detach() if isinstance(self.alpha, Tensor) else self.alpha
         return ObjectiveValue(q.mean(0) - alpha * kl, q, kl, actions, pre_tanh)
 
@@ -110,6 +110,7 @@ def pessimistic(q_ensemble: Tensor, beta: float) -> Tensor:
         q_ensemble: [E, ...] values of the E critics.
         beta: Pessimism β (β = 1 with E = 2 is already more pessimistic than the minimum).
     """
+    E = q_ensemble.shape[0]
     mean = q_ensemble.mean(0)
-    std = (q_ensemble.var(0, unbiased=True) + 1e-6).sqrt()
-    return mean - beta * std
+    var = (q_ensemble - mean).square().sum(0) / (E - 1)  # unbiased
+    return mean - beta * (var + 1e-6).sqrt()

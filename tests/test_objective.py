@@ -77,3 +77,11 @@ def test_pessimism_beyond_min():
     assert pess[0] == pytest.approx(2.0 - math.sqrt(2.0 + 1e-6), abs=1e-6)
     assert pess[0] < q[:, 0].min()
     assert pess[1] == pytest.approx(2.0 - 1e-3, abs=1e-6)
+
+
+def test_rsample_log_prob_matches_rsample_then_log_prob():
+    dist = TanhNormal(torch.randn(5, 3), 0.3 * torch.randn(5, 3))
+    a1, u1 = dist.rsample(7, torch.Generator().manual_seed(2))
+    a2, u2, lp = dist.rsample_log_prob(7, torch.Generator().manual_seed(2))
+    assert torch.equal(a1, a2) and torch.equal(u1, u2)
+    assert torch.allclose(lp, dist.log_prob(u1), atol=1e-5)
