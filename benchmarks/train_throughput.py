@@ -52,8 +52,8 @@ def update_macs(S: int, A: int, B: int, K: int, N: int, agent: str, H: int = 256
 
     Critic: 2 nets on B pairs, forward + backward. Target: policy at s', 2 target nets on B pairs.
     Direct actor: policy forward+backward on B, 2 target nets forward + input-backward on K*B.
-    Iterative actor: N gradient evaluations (forward + input-backward on K*B) and the final
-    evaluation, all backpropagated once more for the loss; the target policy at s' is N more
+    Iterative actor: N+1 gradient evaluations (forward + input-backward on K*B; the loss reuses
+    those gradients, no second pass through the critics); the target policy at s' is N more
     gradient evaluations; the optimizer network runs N times on B rows (forward + backward).
     """
     q = 2 * mlp_macs([S + A, H, H, 1])  # twin critic, per pair
@@ -65,7 +65,7 @@ def update_macs(S: int, A: int, B: int, K: int, N: int, agent: str, H: int = 256
         actor = 3 * B * pol + 2 * K * B * q
     else:
         target = N * 2 * K * B * q + N * B * opt + B * q  # plan at s' (no weight grads) + Q(s', a')
-        actor = N * 2 * K * B * q + K * B * q + (N + 1) * K * B * q + 3 * N * B * opt
+        actor = (N + 1) * 2 * K * B * q + 3 * N * B * opt
     return float(critic + target + actor)
 
 
