@@ -7,6 +7,7 @@ over a horizon, an analytic function) is not their business.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,6 +63,11 @@ class Objective:
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         self.q_fn = q_fn
+        # A q_fn that samples (e.g. a model rollout with a future policy) takes the generator.
+        try:
+            self._q_takes_generator = "generator" in inspect.signature(q_fn).parameters
+        except (TypeError, ValueError):
+            self._q_takes_generator = False
         self.alpha = alpha
         self.n_samples = n_samples
         self.state_dim = state_dim
@@ -76,7 +82,10 @@ class Objective:
     ) -> ObjectiveValue:
         """Evaluate Ĵ at λ = ``dist`` for states [B, S] with ``n_samples`` (default K) samples."""
         actions, pre_tanh, log_prob = dist.rsample_log_prob(n_samples or self.n_samples, generator)
-        q = self.q_fn(states, actions)  # (K, B)
+        if self._q_takes_generator:
+            q = self.q_fn(states, actions, generator=generator)  # (K, B)
+        else:
+            q = self.q_fn(states, actions)  # (K, B)
         kl = (log_prob - uniform_log_prob(actions.shape[-1])).mean(0)  # (B,) MC KL̂ to uniform
         alpha = self.alpha.detach() if isinstance(self.alpha, Tensor) else self.alpha
         return ObjectiveValue(q.mean(0) - alpha * kl, q, kl, actions, pre_tanh)

@@ -1,0 +1,117 @@
+"""The model-based value Q̂_MB(s, a_0): H-step rollouts through learned models, combined by Retrace.
+
+Used as the ``q_fn`` of an :class:`~mbplan.objective.Objective` (DESIGN.md §6): for each of the K
+samples a_0, roll the dynamics forward H steps (batch K·B), acting with an amortized future policy,
+and combine rewards, pessimistic target-critic values and the future KL terms with Retrace. All
+weights are frozen inside; gradients reach the actions through the whole rollout.
+
+Shapes: B states · K samples · H horizon · S state dims · A action dims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mbplan.distributions import TanhNormal, uniform_log_prob
+from mbplan.models.retrace import retrace
+from mbplan.objective import pessimistic
+
+
+@dataclass
+class Rollout:
+    """One recorded rollout of :class:`ModelValue` (detached).
+
+    Attributes:
+        states: s_0 … s_H, [H+1, K, B, S].
+        actions: a_0 … a_H, [H+1, K, B, A].
+        rewards: r̂_0 … r̂_{H−1}, [H, K, B].
+        q: Q̂_β(s_t, a_t) for t = 0 … H, [H+1, K, B].
+        kl: α·KL terms of a_1 … a_H, [H, K, B].
+        value: The Retrace estimate Q̂_MB(s_0, a_0), [K, B].
+    """
+
+    states: Tensor
+    actions: Tensor
+    rewards: Tensor
+    q: Tensor
+    kl: Tensor
+    value: Tensor
+
+
+class ModelValue:
+    """Q̂_MB(s, a_0) by an H-step model rollout and Retrace (λ_R), usable as an objective's q_fn.
+
+    Args:
+        dynamics: ŝ' = dynamics(s, a).
+        reward: r̂ = reward(s, a).
+        critic: Target critic ensemble, critic(s, a) → [E, ...].
+        future_policy: s → λ (a :class:`TanhNormal`) for the actions after a_0.
+        horizon: H ≥ 1.
+        beta: Pessimism β of Q̂ = mean − β·std over the critics.
+        gamma: Discount γ.
+        lam: Retrace λ_R.
+        alpha: KL weight α of the future terms.
+    """
+
+    def __init__(
+        self,
+        dynamics: nn.Module,
+        reward: nn.Module,
+        critic: nn.Module,
+        future_policy: Callable[[Tensor], TanhNormal],
+        horizon: int,
+        beta: float = 1.0,
+        gamma: float = 0.99,
+        lam: float = 0.9,
+        alpha: float | Tensor = 0.0,
+    ):
+        if horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {horizon}")
+        self.dynamics, self.reward, self.critic = dynamics, reward, critic
+        self.future_policy = future_policy
+        self.horizon, self.beta, self.gamma, self.lam = horizon, beta, gamma, lam
+        self.alpha = alpha.detach() if isinstance(alpha, Tensor) else alpha
+        self.record: list[Rollout] | None = None  # set to [] to keep every rollout
+
+    def __call__(
+        self, states: Tensor, actions: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Q̂_MB for states [B, S] and first actions [K, B, A]; returns [K, B]."""
+        K, B, A = actions.shape
+        S = states.shape[-1]
+        s = states.expand(K, B, S).reshape(K * B, S)  # (K*B, S)
+        a = actions.reshape(K * B, A)  # (K*B, A)
+        log_prior = uniform_log_prob(A)
+        qs, rewards, kls = [], [], []
+        traj_s, traj_a = [s], [a]
+        for _ in range(self.horizon):
+            # Value, reward and next state of (s_t, a_t)
+            qs.append(pessimistic(self.critic(s, a), self.beta))  # (K*B,)
+            rewards.append(self.reward(s, a))
+            s = self.dynamics(s, a)
+            # Next action from the amortized future policy, with its KL term
+            a, _, log_prob = self.future_policy(s).rsample_log_prob(1, generator)
+            a, log_prob = a[0], log_prob[0]  # (K*B, A), (K*B,)
+            kls.append(self.alpha * (log_prob - log_prior))
+            traj_s.append(s)
+            traj_a.append(a)
+        qs.append(pessimistic(self.critic(s, a), self.beta))
+        q, r, kl = torch.stack(qs), torch.stack(rewards), torch.stack(kls)  # (H+1|H, K*B)
+        value = retrace(r, q, kl, self.gamma, self.lam).reshape(K, B)  # (K, B)
+        if self.record is not None:
+            H = self.horizon
+            self.record.append(
+                Rollout(
+                    states=torch.stack(traj_s).detach().reshape(H + 1, K, B, S),
+                    actions=torch.stack(traj_a).detach().reshape(H + 1, K, B, A),
+                    rewards=r.detach().reshape(H, K, B),
+                    q=q.detach().reshape(H + 1, K, B),
+                    kl=kl.detach().reshape(H, K, B),
+                    value=value.detach(),
+                )
+            )
+        return value
