@@ -106,7 +106,7 @@ def run_job(job: Job, out: Path, device: str, threads: int, log) -> None:
         return
     cmd = [sys.executable, "-m", "mbplan.cli", "train"]
     if (run / "config.json").is_file() and done > 0:
-        cmd += ["--resume", str(run), "--steps", str(job.steps)]
+        cmd += ["--resume", str(run), "--steps", str(job.steps), "--threads", str(threads)]
         log(f"{job.name}: resuming at {done}/{job.steps}")
     else:
         cmd += [

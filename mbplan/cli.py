@@ -17,6 +17,16 @@ from typing import Any
 import mbplan
 from mbplan.bench.overhead import OverheadOptions, run_overhead
 from mbplan.cli_args import add_dataclass_args, from_namespace, option
+from mbplan.cli_planning import (
+    EvalModelOptions,
+    FitModelOptions,
+    FitOptimizerOptions,
+    PlanOptions,
+    eval_model_cmd,
+    fit_model_cmd,
+    fit_optimizer_cmd,
+    plan_cmd,
+)
 from mbplan.errors import UserError
 from mbplan.train import TrainOptions
 
@@ -157,6 +167,22 @@ COMMANDS: dict[str, dict[str, Command]] = {
         "": ("train an agent (direct or iterative) on a gymnasium env", TrainCommand, _train)
     },
     "eval": {"": ("run deterministic episodes of a trained agent", EvalOptions, _eval)},
+    "fit-model": {
+        "": ("fit dynamics and reward models on a run's replay", FitModelOptions, fit_model_cmd)
+    },
+    "eval-model": {
+        "": ("open-loop prediction error of a run's model", EvalModelOptions, eval_model_cmd)
+    },
+    "fit-optimizer": {
+        "": (
+            "train an iterative optimizer on a run's frozen objective",
+            FitOptimizerOptions,
+            fit_optimizer_cmd,
+        )
+    },
+    "plan": {
+        "": ("receding-horizon control against the model-based objective", PlanOptions, plan_cmd)
+    },
     "bench": {
         "overhead": (
             "time per iteration / objective evaluation and states/s of every planner",

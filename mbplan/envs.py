@@ -40,6 +40,19 @@ class EnvSpec:
     max_episode_steps: int | None
 
 
+#: MuJoCo's own warnings (e.g. deprecated XML attributes of the stock models), kept here instead of
+#: being printed on stderr, where they would break the CLI's one-line errors.
+MUJOCO_WARNINGS: list[str] = []
+
+
+def _quiet_mujoco() -> None:
+    try:
+        import mujoco
+    except ImportError:
+        return
+    mujoco.set_mju_user_warning(lambda message: MUJOCO_WARNINGS.append(str(message).strip()))
+
+
 def make_env(env_id: str, seed: int | None = None, render: bool = False):
     """Create a continuous-action gymnasium env with actions rescaled to (−1, 1).
 
@@ -55,6 +68,7 @@ def make_env(env_id: str, seed: int | None = None, render: bool = False):
         UserError: Unknown id, or an env whose actions or observations are not 1-D boxes.
     """
     _default_gl()
+    _quiet_mujoco()
     import gymnasium as gym
 
     try:
@@ -93,6 +107,20 @@ def env_spec(env) -> EnvSpec:
         dt=float(dt) if dt is not None else None,
         max_episode_steps=spec.max_episode_steps if spec is not None else None,
     )
+
+
+def render_frame(env) -> np.ndarray:
+    """One RGB frame [H, W, 3] of an env made with ``render=True``.
+
+    Raises:
+        UserError: Rendering is unavailable (e.g. a missing optional dependency or GL backend).
+    """
+    import gymnasium as gym
+
+    try:
+        return env.render()
+    except (gym.error.Error, ImportError, RuntimeError) as exc:
+        raise UserError(f"cannot render {env.spec.id if env.spec else 'env'}: {exc}") from None
 
 
 def write_video(frames: list[np.ndarray], path: str, fps: int = 30) -> None:

@@ -29,7 +29,7 @@ from mbplan.checkpoint import (
     save_checkpoint,
 )
 from mbplan.cli_args import option
-from mbplan.envs import EnvSpec, env_spec, make_env, write_video
+from mbplan.envs import EnvSpec, env_spec, make_env, render_frame, write_video
 from mbplan.errors import UserError
 from mbplan.perf import tune_malloc
 from mbplan.replay import ReplayBuffer
@@ -171,7 +171,7 @@ def evaluate(
         total, done = 0.0, False
         while not done:
             if video_frames is not None and ep == 0:
-                video_frames.append(env.render())
+                video_frames.append(render_frame(env))
             obs, reward, terminated, truncated, _ = env.step(agent.act(obs, True, generator))
             total += float(reward)
             done = terminated or truncated

@@ -3,7 +3,6 @@ import torch
 
 import mbplan
 
-
 # Small tensors: one thread is as fast, and immune to oversubscription on a busy 2-core machine.
 torch.set_num_threads(1)
 

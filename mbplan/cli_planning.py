@@ -1,0 +1,270 @@
+"""``mbplan fit-model``, ``eval-model``, ``fit-optimizer`` and ``plan``: options and handlers."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mbplan.cli_args import option
+from mbplan.errors import UserError
+from mbplan.planners import PLANNERS
+
+
+@dataclass
+class FitModelOptions:
+    """Options of ``mbplan fit-model``."""
+
+    checkpoint: str = option("", "run folder whose replay buffer the model is fitted on")
+    steps: int = option(5000, "gradient steps")
+    batch_size: int = option(256, "transitions per step")
+    lr: float = option(3e-4, "Adam learning rate")
+    hidden: int = option(256, "width of the 2-layer LayerNorm/LeakyReLU MLPs")
+    horizon: int = option(5, "open-loop horizon of the reported prediction error")
+    holdout: float = option(0.05, "newest fraction of the replay held out for the errors")
+    seed: int = option(0, "seed of initialisation and batches")
+    threads: int = option(0, "torch CPU threads (0 = one per core)")
+
+
+@dataclass
+class EvalModelOptions:
+    """Options of ``mbplan eval-model``."""
+
+    checkpoint: str = option("", "run folder with a fitted model")
+    horizon: int = option(5, "open-loop horizon")
+    holdout: float = option(0.05, "newest fraction of the replay used (held out at fit time)")
+    seed: int = option(0, "seed of the sampled sequences")
+
+
+@dataclass
+class FitOptimizerOptions:
+    """Options of ``mbplan fit-optimizer``."""
+
+    checkpoint: str = option("", "run folder (its critics, model and policy stay frozen)")
+    objective: str = option("model", "objective to fit on", choices=("model-free", "model"))
+    steps: int = option(2000, "gradient steps")
+    horizon: int = option(2, "rollout horizon H of the model objective")
+    iters: int = option(5, "iterations N of the optimizer")
+    samples: int = option(10, "samples K per state")
+    batch_size: int = option(256, "replay states per step")
+    lr: float = option(3e-4, "Adam learning rate")
+    seed: int = option(0, "seed")
+    threads: int = option(0, "torch CPU threads (0 = one per core)")
+
+
+@dataclass
+class PlanOptions:
+    """Options of ``mbplan plan``."""
+
+    planner: str = option("iterative", "planner", choices=tuple(PLANNERS))
+    horizon: int = option(5, "model rollout horizon H (any H >= 1)")
+    checkpoint: str = option("", "run folder with a model (default: the bundled checkpoint)")
+    env: str = option("", "env id (default: the run's)")
+    episodes: int = option(1, "episodes")
+    iters: int = option(0, "planner iterations per action (0 = planner default: iterative 5)")
+    samples: int = option(0, "samples K per state (0 = the run's)")
+    seed: int = option(0, "seed of resets and sampling")
+    max_steps: int = option(0, "cap on steps per episode (0 = the env's time limit)")
+    warm_start: bool = option(False, "start each plan from the previous step's λ")
+    stochastic: bool = option(False, "act with a sample instead of tanh(μ)")
+    video: str = option("", "write the first episode as an MP4 here")
+    save_plans: str = option("", "write every step's plans (safetensors) here")
+    threads: int = option(0, "torch CPU threads (0 = one per core)")
+
+
+def _threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def _require_checkpoint(path: str) -> Path:
+    if not path:
+        raise UserError("--checkpoint is required")
+    if not Path(path).is_dir():
+        raise UserError(f"run folder not found: {path}")
+    return Path(path)
+
+
+def fit_model_cmd(opts: FitModelOptions) -> None:
+    """Fit dynamics and reward on a run's replay; save ``RUN/model``; print open-loop errors."""
+    from mbplan.model_fit import fit_models, open_loop_errors, split_holdout
+    from mbplan.models.dynamics import Dynamics, Reward
+    from mbplan.planning import model_tensors, replay_transitions, save_folder
+
+    run = _require_checkpoint(opts.checkpoint)
+    if opts.steps < 1 or opts.horizon < 1 or not 0 < opts.holdout < 1:
+        raise UserError("--steps and --horizon must be >= 1 and 0 < --holdout < 1")
+    _threads(opts.threads)
+    data = replay_transitions(run)
+    train, held = split_holdout(data, opts.holdout)
+    S, A = data["states"].shape[1], data["actions"].shape[1]
+    torch.manual_seed(opts.seed)
+    dynamics, reward = Dynamics(S, A, opts.hidden), Reward(S, A, opts.hidden)
+    g = torch.Generator().manual_seed(opts.seed)
+    log = fit_models(dynamics, reward, train, opts.steps, opts.batch_size, opts.lr, g)
+    errors = open_loop_errors(dynamics, reward, held, opts.horizon, generator=g)
+    meta = {"hidden": opts.hidden, "euler": None, "fit": asdict(opts), "held_out_errors": errors,
+            "final_losses": log[-1], "transitions": int(data["states"].shape[0])}  # fmt: skip
+    save_folder(run / "model", model_tensors(dynamics, reward), meta)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"model_fit": meta}) + "\n")
+    _print_errors(
+        errors, f"model fitted on {train['states'].shape[0]} transitions, saved to {run}/model"
+    )
+
+
+def _print_errors(errors: dict, header: str) -> None:
+    print(header)
+    print("open-loop error on held-out real transitions (h = steps ahead):")
+    print("   h  state_rmse  state_nrmse  reward_rmse")
+    for h, (a, b, c) in enumerate(
+        zip(errors["state_rmse"], errors["state_nrmse"], errors["reward_rmse"], strict=True)
+    ):
+        print(f"{h + 1:4d}  {a:10.4f}  {b:11.4f}  {c:11.4f}")
+
+
+def eval_model_cmd(opts: EvalModelOptions) -> None:
+    """Print open-loop errors of a run's fitted model on its held-out replay."""
+    from mbplan.model_fit import open_loop_errors, split_holdout
+    from mbplan.planning import load_setup, replay_transitions
+
+    run = _require_checkpoint(opts.checkpoint)
+    if opts.horizon < 1:
+        raise UserError("--horizon must be >= 1")
+    setup = load_setup(run)
+    if setup.dynamics is None:
+        raise UserError(f"{run} has no model: run `mbplan fit-model --checkpoint {run}` first")
+    _, held = split_holdout(replay_transitions(run), opts.holdout)
+    g = torch.Generator().manual_seed(opts.seed)
+    errors = open_loop_errors(setup.dynamics, setup.reward, held, opts.horizon, generator=g)
+    _print_errors(errors, f"model of {run}")
+
+
+def fit_optimizer_cmd(opts: FitOptimizerOptions) -> None:
+    """Train an iterative optimizer on a run's frozen objective; save ``RUN/optimizers/<obj>``."""
+    from tqdm import tqdm
+
+    from mbplan.planning import (
+        fit_optimizer,
+        load_setup,
+        model_free_objective,
+        model_objective,
+        replay_transitions,
+        save_folder,
+    )
+
+    run = _require_checkpoint(opts.checkpoint)
+    if min(opts.steps, opts.iters, opts.samples, opts.batch_size, opts.horizon) < 1:
+        raise UserError("--steps, --iters, --samples, --batch-size and --horizon must be >= 1")
+    _threads(opts.threads)
+    setup = load_setup(run)
+    if opts.objective == "model":
+        objective, _ = model_objective(setup, opts.horizon, opts.samples)
+    else:
+        objective = model_free_objective(setup, opts.samples)
+    states = replay_transitions(run)["states"]
+    bar = tqdm(total=opts.steps, unit="step", desc=f"fit {opts.objective}", mininterval=1.0)
+
+    def on_step(step: int, loss: float, improvement: float) -> None:
+        bar.update(1)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss:.3f}", improvement=f"{improvement:.3f}")
+
+    try:
+        planner, improvements = fit_optimizer(
+            setup, objective, states, opts.steps, opts.batch_size, opts.lr, opts.iters,
+            opts.seed, on_step,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    tail = improvements[-min(100, len(improvements)) :]
+    meta = {"hyperparameters": planner.hyperparameters() | {"n_iters": opts.iters},
+            "objective": opts.objective, "fit": asdict(opts),
+            "final_improvement": statistics.fmean(tail)}  # fmt: skip
+    meta["hyperparameters"].pop("state_dim")
+    meta["hyperparameters"].pop("action_dim")
+    save_folder(run / "optimizers" / opts.objective, dict(planner.state_dict()), meta)
+    print(
+        f"iterative optimizer fitted on the {opts.objective} objective ({opts.steps} steps); "
+        f"mean Ĵ(λ_N) − Ĵ(λ_0) over the last {len(tail)} steps: {meta['final_improvement']:.3f}; "
+        f"saved to {run}/optimizers/{opts.objective}"
+    )
+
+
+def plan_cmd(opts: PlanOptions) -> None:
+    """Receding-horizon control with a planner against the model-based objective."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from mbplan.envs import env_spec, make_env, write_video
+    from mbplan.planning import load_setup, model_objective, planner_for, run_mpc
+    from mbplan.train import check_env_matches
+
+    if opts.horizon < 1:
+        raise UserError(f"--horizon must be >= 1, got {opts.horizon}")
+    if opts.iters < 0 or opts.episodes < 1 or opts.samples < 0 or opts.max_steps < 0:
+        raise UserError("--iters, --samples, --max-steps must be >= 0 and --episodes >= 1")
+    if not opts.checkpoint:
+        raise UserError("no bundled default checkpoint in this version: pass --checkpoint RUN")
+    _threads(opts.threads)
+    setup = load_setup(_require_checkpoint(opts.checkpoint))
+    objective, _ = model_objective(setup, opts.horizon, opts.samples or None)
+    planner = planner_for(setup, opts.planner, "model")
+    env = make_env(opts.env or setup.config["env"], seed=opts.seed, render=bool(opts.video))
+    check_env_matches(env_spec(env), setup.config["env_spec"])
+    plans: list | None = [] if opts.save_plans else None
+    frames: list | None = [] if opts.video else None
+    limit = opts.max_steps or env_spec(env).max_episode_steps or 1000
+    bar = tqdm(
+        total=opts.episodes * limit, unit="step", desc=f"plan {opts.planner}", mininterval=1.0
+    )
+    try:
+        stats = run_mpc(
+            setup, env, planner, objective, opts.episodes, opts.iters or None, opts.seed,
+            warm_start=opts.warm_start, stochastic=opts.stochastic,
+            max_steps=opts.max_steps or None, on_step=lambda ep, t: bar.update(1),
+            plans=plans, frames=frames,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    for i, r in enumerate(stats.returns):
+        print(f"episode {i}: return {r:.1f}")
+    mean = statistics.fmean(stats.returns)
+    std = statistics.pstdev(stats.returns) if len(stats.returns) > 1 else 0.0
+    print(
+        f"{opts.planner} H={opts.horizon}: return {mean:.1f} ± {std:.1f} "
+        f"over {len(stats.returns)} episodes; {stats.ms_per_action:.1f} ms/action; "
+        f"mean Ĵ(λ_I) − Ĵ(λ_0) = {stats.improvement:.3f}"
+    )
+    if opts.video and frames:
+        dt = setup.config["env_spec"].get("dt") or 1 / 30
+        write_video(frames, opts.video, fps=round(1 / dt))
+        print(f"video written to {opts.video}")
+    if plans is not None:
+        save_file(_flatten_plans(plans), opts.save_plans,
+                  metadata={"planner": opts.planner, "horizon": str(opts.horizon)})  # fmt: skip
+        print(f"plans of {len(plans)} steps written to {opts.save_plans}")
+
+
+def _flatten_plans(plans: list[dict]) -> dict[str, torch.Tensor]:
+    """One safetensors key per tensor.
+
+    Keys: ``<step>/state``, ``<step>/trace/objective``, ..., ``<step>/rollout<j>/states``
+    (j = the objective evaluation, in order).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for i, p in enumerate(plans):
+        key = f"{i:06d}"
+        out[f"{key}/state"] = p["state"]
+        out[f"{key}/action"] = p["action"]
+        out[f"{key}/episode_t"] = torch.tensor([p["episode"], p["t"]])
+        out[f"{key}/objective_final"] = p["objective_final"]
+        for name in ("objective", "loc", "log_scale", "n_evals", "elapsed"):
+            out[f"{key}/trace/{name}"] = getattr(p["trace"], name)
+        for j, ro in enumerate(p["rollouts"] or []):
+            for name in ("states", "actions", "rewards", "q", "kl", "value"):
+                out[f"{key}/rollout{j:02d}/{name}"] = getattr(ro, name)
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}

@@ -1,0 +1,371 @@
+"""Model-based planning against a trained run.
+
+Load the pieces, build Ĵ_MB, run receding-horizon control in the real env (``mbplan plan``).
+
+A run folder gains two things on top of its training checkpoints:
+``model/`` (dynamics and reward weights, from ``mbplan fit-model``) and
+``optimizers/<objective>/`` (an iterative optimizer trained on a frozen objective, from
+``mbplan fit-optimizer``). Each is written whole under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mbplan.agent import Agent
+from mbplan.distributions import TanhNormal
+from mbplan.envs import render_frame
+from mbplan.errors import UserError
+from mbplan.model_value import ModelValue
+from mbplan.models.dynamics import Dynamics, EulerSpec, Reward
+from mbplan.objective import Objective, make_objective
+from mbplan.planners import IterativePlanner, Planner, make_planner
+from mbplan.train import load_agent
+
+OBJECTIVES = ("model-free", "model")
+
+
+# -- folders of safetensors + JSON, replaced atomically -------------------------------------------
+
+
+def save_folder(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write ``weights.safetensors`` + ``meta.json`` into ``path`` atomically (replacing it)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cpu = {
+        k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()
+    }
+    save_file(cpu, str(tmp / "weights.safetensors"))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Inverse of :func:`save_folder`; :class:`UserError` when missing or corrupt."""
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        old = path.with_name(f".{path.name}.old")  # killed between the two renames
+        if (old / "meta.json").is_file():
+            path = old
+        else:
+            raise UserError(f"not found: {path}")
+    try:
+        return load_file(str(path / "weights.safetensors")), json.loads(
+            (path / "meta.json").read_text()
+        )
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise UserError(f"corrupt {path}: {exc}") from None
+
+
+# -- the pieces of a planning setup ---------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """Everything planning needs from one run (or the bundled default).
+
+    Attributes:
+        agent: Critic, target critic, planner (the agent's policy) and α.
+        config: The run's training options plus ``env_spec``.
+        dynamics: Learned dynamics (None for a run without a model).
+        reward: Learned reward (None without a model).
+        optimizers: Iterative optimizers fitted per objective (``model-free``, ``model``).
+    """
+
+    agent: Agent
+    config: dict[str, Any]
+    dynamics: Dynamics | None = None
+    reward: Reward | None = None
+    optimizers: dict[str, IterativePlanner] = field(default_factory=dict)
+
+    @property
+    def state_dim(self) -> int:
+        """S."""
+        return int(self.config["env_spec"]["state_dim"])
+
+    @property
+    def action_dim(self) -> int:
+        """A."""
+        return int(self.config["env_spec"]["action_dim"])
+
+    def future_policy(self):
+        """The amortized policy used after the first action of a rollout (a direct network)."""
+        if self.agent.config.agent != "direct":
+            raise UserError(
+                "model-based planning needs a direct future policy; this run's agent is "
+                f"{self.agent.config.agent!r} (use a direct run)"
+            )
+        return self.agent.planner
+
+
+def model_tensors(dynamics: Dynamics, reward: Reward) -> dict[str, torch.Tensor]:
+    """Both models' weights and normaliser buffers, prefixed ``dynamics.`` / ``reward.``."""
+    out = {f"dynamics.{k}": v for k, v in dynamics.state_dict().items()}
+    out.update({f"reward.{k}": v for k, v in reward.state_dict().items()})
+    return out
+
+
+def build_models(S: int, A: int, meta: dict[str, Any]) -> tuple[Dynamics, Reward]:
+    """Empty models with the sizes and layout recorded in a model folder's meta."""
+    euler = None
+    if meta.get("euler"):
+        euler = EulerSpec(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["euler"].items()}
+        )
+    hidden = int(meta.get("hidden", 256))
+    return Dynamics(S, A, hidden, euler), Reward(S, A, hidden)
+
+
+def load_setup(path: str | Path) -> Setup:
+    """Load a run folder's agent, and its model and fitted optimizers where present."""
+    run = Path(path)
+    agent, config = load_agent(run)
+    agent.eval()
+    setup = Setup(agent, config)
+    S, A = setup.state_dim, setup.action_dim
+    if (run / "model").exists() or (run / ".model.old").exists():
+        tensors, meta = load_folder(run / "model")
+        dynamics, reward = build_models(S, A, meta)
+        _load_prefixed(dynamics, tensors, "dynamics.")
+        _load_prefixed(reward, tensors, "reward.")
+        setup.dynamics, setup.reward = dynamics.eval(), reward.eval()
+    for objective in OBJECTIVES:
+        folder = run / "optimizers" / objective
+        if folder.exists():
+            tensors, meta = load_folder(folder)
+            planner = IterativePlanner(S, A, **meta["hyperparameters"])
+            _load_prefixed(planner, tensors, "")
+            setup.optimizers[objective] = planner.eval()
+    for module in [setup.agent, setup.dynamics, setup.reward, *setup.optimizers.values()]:
+        if module is not None:
+            module.requires_grad_(False)
+    return setup
+
+
+def _load_prefixed(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"weights do not fit: {str(exc).splitlines()[0]}") from None
+
+
+# -- objectives ------------------------------------------------------------------------------------
+
+
+def model_free_objective(setup: Setup, samples: int | None = None) -> Objective:
+    """Ĵ on the run's pessimistic target critics (its training objective)."""
+    objective = setup.agent.objective()
+    if samples is not None:
+        objective.n_samples = samples
+    return objective
+
+
+def model_objective(
+    setup: Setup, horizon: int, samples: int | None = None, lam: float = 0.9
+) -> tuple[Objective, ModelValue]:
+    """Ĵ_MB: H-step rollouts through the run's model, Retrace over its target critics."""
+    if setup.dynamics is None or setup.reward is None:
+        raise UserError("this run has no model: fit one with `mbplan fit-model --checkpoint RUN`")
+    if horizon < 1:
+        raise UserError(f"--horizon must be >= 1, got {horizon}")
+    cfg = setup.agent.config
+    value = ModelValue(
+        setup.dynamics, setup.reward, setup.agent.target_critic, setup.future_policy(), horizon,
+        beta=cfg.beta, gamma=cfg.gamma, lam=lam, alpha=setup.agent.alpha,
+    )  # fmt: skip
+    objective = make_objective(
+        value, alpha=setup.agent.alpha, n_samples=samples or cfg.n_samples,
+        state_dim=setup.state_dim, action_dim=setup.action_dim,
+    )  # fmt: skip
+    return objective, value
+
+
+def planner_for(setup: Setup, name: str, objective_kind: str) -> Planner:
+    """The planner to act with: the run's direct policy, a fitted iterative optimizer, adam, cem."""
+    if name == "direct":
+        return setup.future_policy()
+    if name == "iterative":
+        for kind in (objective_kind, *OBJECTIVES):
+            if kind in setup.optimizers:
+                return setup.optimizers[kind]
+        if setup.agent.config.agent == "iterative":
+            return setup.agent.planner
+        raise UserError(
+            "no iterative optimizer in this run: train one with "
+            "`mbplan fit-optimizer --checkpoint RUN --objective model`"
+        )
+    try:
+        return make_planner(name)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+# -- receding-horizon control ----------------------------------------------------------------------
+
+
+@dataclass
+class PlanStats:
+    """Per-episode outcome of :func:`run_mpc`."""
+
+    returns: list[float]
+    ms_per_action: float
+    improvement: float
+    steps: int
+
+
+def run_mpc(
+    setup: Setup,
+    env,
+    planner: Planner,
+    objective: Objective,
+    episodes: int,
+    iters: int | None,
+    seed: int,
+    warm_start: bool = False,
+    stochastic: bool = False,
+    max_steps: int | None = None,
+    on_step=None,
+    plans: list | None = None,
+    frames: list | None = None,
+) -> PlanStats:
+    """Plan λ at every real state against ``objective``, act, repeat.
+
+    Args:
+        setup: The loaded run.
+        env: A real env (actions in (−1, 1)).
+        planner: Any registered planner.
+        objective: Ĵ (model-based or model-free).
+        episodes: Episodes to run.
+        iters: Planner iterations per action (None: the planner's default).
+        seed: Seeds resets and sampling noise.
+        warm_start: Start each plan from the previous step's λ instead of λ_0.
+        stochastic: Act with a sample instead of tanh(μ).
+        max_steps: Cap on steps per episode.
+        on_step: Called after every env step with (episode, step).
+        plans: If a list, receives one record per env step: state, action, the planner's trace,
+            and (model-based) the rollouts of every objective evaluation in order — one per
+            iteration, then the final record-keeping evaluation(s).
+        frames: If a list, receives rendered frames of the first episode.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    value = objective.q_fn if isinstance(objective.q_fn, ModelValue) else None
+    returns, times, improvements = [], [], []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        total, done, t, prev = 0.0, False, 0, None
+        while not done:
+            state = torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0)  # (1, S)
+            if not torch.isfinite(state).all():
+                raise UserError("the env returned a non-finite state")
+            # Plan (timed: the planner's own evaluations only; rollouts kept when asked)
+            if value is not None and plans is not None:
+                value.record = []
+            start = time.perf_counter()
+            result = planner.plan(
+                objective, state, init=prev if warm_start else None, n_iters=iters,
+                generator=generator, record_objective=False,
+            )  # fmt: skip
+            dist = result.dist
+            action = dist.rsample(1, generator)[0][0] if stochastic else dist.mode()
+            action = action.reshape(-1).numpy()
+            times.append(time.perf_counter() - start)
+
+            # Record Ĵ(λ_I) − Ĵ(λ_0) (untimed; with the rollouts when asked)
+            trace = result.trace
+            with torch.no_grad():
+                j0 = trace.objective[0]
+                if not torch.isfinite(j0).all():
+                    first = TanhNormal(trace.loc[0], trace.log_scale[0])
+                    j0 = objective(state, first, generator=generator).value
+                j_final = objective(state, dist, generator=generator).value
+            improvements.append(float((j_final - j0).mean()))
+            if plans is not None:
+                plans.append({
+                    "episode": ep, "t": t, "state": state[0], "action": torch.as_tensor(action),
+                    "trace": trace, "objective_final": j_final,
+                    "rollouts": value.record if value is not None else None,
+                })  # fmt: skip
+            if frames is not None and ep == 0:
+                frames.append(render_frame(env))
+            prev = TanhNormal(dist.loc, dist.log_scale) if warm_start else None
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            t += 1
+            done = terminated or truncated or (max_steps is not None and t >= max_steps)
+            if on_step is not None:
+                on_step(ep, t)
+        if value is not None:
+            value.record = None
+        returns.append(total)
+    finite = [x for x in improvements if np.isfinite(x)]
+    return PlanStats(
+        returns=returns,
+        ms_per_action=1e3 * float(np.mean(times)),
+        improvement=float(np.mean(finite)) if finite else float("nan"),
+        steps=len(times),
+    )
+
+
+# -- fitting ---------------------------------------------------------------------------------------
+
+
+def replay_transitions(path: str | Path) -> dict[str, torch.Tensor]:
+    """The replay buffer of a run's newest checkpoint, oldest transition first."""
+    from mbplan.checkpoint import load_checkpoint
+
+    groups, _ = load_checkpoint(path)
+    if "replay" not in groups or groups["replay"]["states"].shape[0] < 2:
+        raise UserError(f"no replay buffer in {path}")
+    return groups["replay"]
+
+
+def fit_optimizer(
+    setup: Setup,
+    objective: Objective,
+    states: torch.Tensor,
+    steps: int,
+    batch_size: int = 256,
+    lr: float = 3e-4,
+    n_iters: int = 5,
+    seed: int = 0,
+    on_step=None,
+) -> tuple[IterativePlanner, list[float]]:
+    """Train a fresh iterative optimizer on a frozen objective, on replay states.
+
+    Returns:
+        (the optimizer, per-step mean improvement Ĵ(λ_N) − Ĵ(λ_0)).
+    """
+    torch.manual_seed(seed)
+    planner = IterativePlanner(setup.state_dim, setup.action_dim, n_iters=n_iters)
+    generator = torch.Generator().manual_seed(seed)
+    optim = torch.optim.Adam(planner.parameters(), lr=lr)
+    improvements = []
+    for step in range(steps):
+        idx = torch.randint(0, states.shape[0], (batch_size,), generator=generator)
+        loss, result = planner.loss(objective, states[idx], generator)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        improvements.append(float(result.improvement().mean()))
+        if on_step is not None:
+            on_step(step, loss.item(), improvements[-1])
+    return planner.eval().requires_grad_(False), improvements

@@ -1,0 +1,107 @@
+"""fit-model, eval-model, fit-optimizer and plan on a small trained run (end to end, subprocess)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors import safe_open
+
+import mbplan
+
+pytestmark = [pytest.mark.mujoco, pytest.mark.slow]
+
+
+def run_cli(*args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "osmesa"}
+    return subprocess.run(
+        [sys.executable, "-m", "mbplan.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
+
+
+def ok(out):
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def one_line_error(out):
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.fixture(scope="module")
+def run_with_model(tmp_path_factory):
+    run = tmp_path_factory.mktemp("plan") / "run"
+    ok(run_cli("train", "--env", "InvertedPendulum-v5", "--agent", "direct", "--steps", 400,
+               "--warmup", 200, "--batch-size", 32, "--samples", 2, "--eval-interval", 0,
+               "--checkpoint-interval", 400, "--out", run, "--threads", 1))  # fmt: skip
+    out = ok(run_cli("fit-model", "--checkpoint", run, "--steps", 50, "--horizon", 3))
+    assert "state_rmse" in out and (run / "model" / "weights.safetensors").is_file()
+    return run
+
+
+def test_plan_needs_a_model(tmp_path):
+    run = tmp_path / "r"
+    ok(run_cli("train", "--env", "InvertedPendulum-v5", "--steps", 60, "--warmup", 50,
+               "--batch-size", 8, "--samples", 2, "--eval-interval", 0, "--out", run))  # fmt: skip
+    one_line_error(run_cli("plan", "--checkpoint", run, "--planner", "adam", "--max-steps", 2))
+
+
+def test_eval_model_prints_errors(run_with_model):
+    out = ok(run_cli("eval-model", "--checkpoint", run_with_model, "--horizon", 2))
+    assert "reward_rmse" in out and len(out.strip().splitlines()) == 5
+
+
+@pytest.mark.parametrize("objective", ["model", "model-free"])
+def test_fit_optimizer_saves(run_with_model, objective):
+    out = ok(run_cli("fit-optimizer", "--checkpoint", run_with_model, "--objective", objective,
+                     "--steps", 5, "--batch-size", 16, "--samples", 3, "--horizon", 2))  # fmt: skip
+    assert "saved to" in out
+    assert (run_with_model / "optimizers" / objective / "meta.json").is_file()
+
+
+@pytest.mark.parametrize("planner", sorted(mbplan.PLANNERS))
+def test_plan_each_planner(run_with_model, planner):
+    if planner == "iterative" and not (run_with_model / "optimizers" / "model").exists():
+        ok(run_cli("fit-optimizer", "--checkpoint", run_with_model, "--steps", 3,
+                   "--batch-size", 8, "--samples", 2))  # fmt: skip
+    out = ok(run_cli("plan", "--checkpoint", run_with_model, "--planner", planner, "--horizon", 2,
+                     "--max-steps", 3, "--iters", 2, "--samples", 3))  # fmt: skip
+    assert "ms/action" in out and "return" in out
+
+
+def test_plan_saves_plans(run_with_model, tmp_path):
+    path = tmp_path / "plans.safetensors"
+    ok(run_cli("plan", "--checkpoint", run_with_model, "--planner", "cem", "--horizon", 3,
+               "--max-steps", 2, "--iters", 2, "--samples", 2, "--save-plans", path))  # fmt: skip
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        assert "000001/trace/objective" in keys
+        states = f.get_tensor("000000/rollout00/states")
+    assert states.shape[0] == 4  # H + 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--planner", "newton"],
+        ["--horizon", "0"],
+        ["--iters", "-1"],
+        ["--env", "HalfCheetah-v5"],
+    ],
+)
+def test_plan_bad_input(run_with_model, args):
+    one_line_error(run_cli("plan", "--checkpoint", run_with_model, "--max-steps", 2, *args))
+
+
+def test_plan_missing_or_corrupt(run_with_model, tmp_path):
+    one_line_error(run_cli("plan", "--checkpoint", tmp_path / "nope"))
+    one_line_error(run_cli("plan"))  # no bundled default yet: explicit error
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(run_with_model, bad)
+    (bad / "model" / "weights.safetensors").write_bytes(b"garbage" * 5)
+    one_line_error(run_cli("plan", "--checkpoint", bad, "--max-steps", 2))
