@@ -22,10 +22,12 @@ from mbplan.cli_planning import (
     FitModelOptions,
     FitOptimizerOptions,
     PlanOptions,
+    TransferOptions,
     eval_model_cmd,
     fit_model_cmd,
     fit_optimizer_cmd,
     plan_cmd,
+    transfer_cmd,
 )
 from mbplan.errors import UserError
 from mbplan.train import TrainOptions
@@ -182,6 +184,13 @@ COMMANDS: dict[str, dict[str, Command]] = {
     },
     "plan": {
         "": ("receding-horizon control against the model-based objective", PlanOptions, plan_cmd)
+    },
+    "transfer": {
+        "": (
+            "zero-shot model-free → model-based optimizer transfer (Fig. 8d)",
+            TransferOptions,
+            transfer_cmd,
+        )
     },
     "bench": {
         "overhead": (

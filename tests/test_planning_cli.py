@@ -105,3 +105,22 @@ def test_plan_missing_or_corrupt(run_with_model, tmp_path):
     shutil.copytree(run_with_model, bad)
     (bad / "model" / "weights.safetensors").write_bytes(b"garbage" * 5)
     one_line_error(run_cli("plan", "--checkpoint", bad, "--max-steps", 2))
+
+
+def test_transfer_reports_all_contenders(run_with_model):
+    for objective in ("model-free", "model"):
+        if not (run_with_model / "optimizers" / objective).exists():
+            ok(run_cli("fit-optimizer", "--checkpoint", run_with_model, "--objective", objective,
+                       "--steps", 3, "--batch-size", 8, "--samples", 2))  # fmt: skip
+    out = ok(run_cli("transfer", "--checkpoint", run_with_model, "--episodes", 1,
+                     "--max-steps", 3, "--samples", 2))  # fmt: skip
+    assert "zero-shot" in out and "model-based" in out and "direct" in out
+
+
+def test_transfer_needs_a_model_free_optimizer(run_with_model, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_with_model, copy)
+    shutil.rmtree(copy / "optimizers", ignore_errors=True)
+    one_line_error(run_cli("transfer", "--checkpoint", copy, "--episodes", 1))
