@@ -10,12 +10,11 @@ for the iterative optimizer (objective evaluations with gradient vs the optimize
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import mbplan
+from mbplan.bench.overhead import median_seconds
 from mbplan.model_value import ModelValue
 from mbplan.models.critic import EnsembleQ
 from mbplan.models.dynamics import Dynamics, Reward
@@ -53,34 +52,19 @@ def main() -> None:
             return planner.plan(objective, state, n_iters=iters, generator=g,
                                 record_objective=False).dist.mode()  # fmt: skip
 
-        act()
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            act()
-            times.append(time.perf_counter() - start)
-        print(f"{name:9s} I={iters:<3d} {1e3 * statistics.median(times):8.2f} ms/action (median)")
+        seconds = median_seconds(act, args.repeats)
+        print(f"{name:9s} I={iters:<3d} {1e3 * seconds:8.2f} ms/action (median)")
 
     # Where the iterative optimizer's time goes
     dist = mbplan.TanhNormal.initial(1, A)
     it = mbplan.make_planner("iterative", state_dim=S, action_dim=A)
     g = torch.Generator().manual_seed(0)
-    t_eval = _median(lambda: it.value_and_grad(objective, state, dist, g), args.repeats)
+    t_eval = median_seconds(lambda: it.value_and_grad(objective, state, dist, g), args.repeats)
     _, gl, gs = it.value_and_grad(objective, state, dist, g)
     with torch.no_grad():
-        t_net = _median(lambda: it.propose(state, dist, gl, gs), args.repeats)
+        t_net = median_seconds(lambda: it.propose(state, dist, gl, gs), args.repeats)
     print(f"iterative: Ĵ_MB + gradient {1e3 * t_eval:.2f} ms, "
           f"optimizer network {1e3 * t_net:.2f} ms per iteration")  # fmt: skip
-
-
-def _median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ class OverheadRow:
     overhead: float
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -86,7 +87,7 @@ def run_overhead(opts: OverheadOptions) -> list[OverheadRow]:
             dist.loc.requires_grad_()
             torch.autograd.grad(objective(states, dist, generator=generator).value.sum(), dist.loc)
 
-        t_eval = _median_seconds(bare_eval, opts.repeats)
+        t_eval = median_seconds(bare_eval, opts.repeats)
         for name in opts.planners:
             planner = mbplan.make_planner(name, state_dim=S, action_dim=A)
             iters = planner.default_iters if name in ("direct", "iterative") else opts.iters
@@ -101,7 +102,7 @@ def run_overhead(opts: OverheadOptions) -> list[OverheadRow]:
                         record_objective=False,
                     )
 
-            seconds = _median_seconds(run, opts.repeats)
+            seconds = median_seconds(run, opts.repeats)
             evals = float(run().trace.n_evals[-1])
             ms_per_eval = 1e3 * seconds / evals if evals else float("nan")
             rows.append(
