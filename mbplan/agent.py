@@ -15,14 +15,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mbplan.distributions import TanhNormal, target_kl, uniform_log_prob
+from mbplan.distributions import TanhNormal, kl_between, target_kl, uniform_log_prob
+from mbplan.model_value import ModelValue
 from mbplan.models.critic import EnsembleQ
-from mbplan.models.flat import flatten_into, views_intact
+from mbplan.models.dynamics import Dynamics, Reward
+from mbplan.models.flat import flatten_into, frozen_alias, views_intact
 from mbplan.objective import Objective, make_objective, pessimistic
-from mbplan.planners import AmortizedPlanner, make_planner
+from mbplan.planners import AmortizedPlanner, DirectPlanner, make_planner
 from mbplan.replay import Batch
 
 AGENTS = ("direct", "iterative")
+VALUES = ("model-free", "model")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,11 @@ class AgentConfig:
         lr: Adam learning rate of every parameter group.
         hidden: Width of every 2-layer MLP.
         n_critics: E.
+        value: ``model-free`` (Ĵ on the critics) or ``model`` (Ĵ_MB: H-step model rollouts,
+            Retrace; the agent then also learns dynamics and reward models, and an iterative
+            agent a direct network distilled from it as the rollouts' future policy).
+        horizon: H of the model value.
+        lam: Retrace λ_R of the model value.
     """
 
     agent: str = "direct"
@@ -50,6 +58,9 @@ class AgentConfig:
     lr: float = 3e-4
     hidden: int = 256
     n_critics: int = 2
+    value: str = "model-free"
+    horizon: int = 2
+    lam: float = 0.9
 
 
 class Agent(nn.Module):
@@ -75,11 +86,24 @@ class Agent(nn.Module):
         assert isinstance(planner, AmortizedPlanner)
         self.planner: AmortizedPlanner = planner
         self.log_alpha = nn.Parameter(torch.zeros(()))
+        if config.value not in VALUES:
+            raise ValueError(f"unknown value {config.value!r}; choose from {', '.join(VALUES)}")
+        self.dynamics: Dynamics | None = None
+        self.reward: Reward | None = None
+        self.distilled: DirectPlanner | None = None
+        if config.value == "model":
+            self.dynamics = Dynamics(state_dim, action_dim, config.hidden)
+            self.reward = Reward(state_dim, action_dim, config.hidden)
+            if config.agent == "iterative":
+                self.distilled = DirectPlanner(state_dim, action_dim, config.hidden)
         # One Adam over every trained parameter, all living in one flat buffer. The critic, planner
         # and α losses touch disjoint parameters (Ĵ uses the frozen target critics, the critic
         # target is computed without gradients), so one backward of their sum and one fused step
         # equal three separate updates, with far fewer ops.
         self._trained = [*self.critic.parameters(), *self.planner.parameters(), self.log_alpha]
+        for extra in (self.dynamics, self.reward, self.distilled):
+            if extra is not None:
+                self._trained += list(extra.parameters())
         self._n_critic = sum(p.numel() for p in self.critic.parameters())
         self._flatten()
 
@@ -91,6 +115,14 @@ class Agent(nn.Module):
             "target": flatten_into(list(self.target_critic.parameters()), with_grad=False),
         }
         self.optim = torch.optim.Adam([self._flat["trained"]], lr=self.config.lr, fused=True)
+        # Frozen twins of the model and the future policy for use inside Ĵ_MB: their parameters
+        # alias the live ones (no copies, always current) but never receive gradients there.
+        self._frozen: dict[str, nn.Module] = {}
+        if self.config.value == "model":
+            future = self.distilled if self.distilled is not None else self.planner
+            for name, module in (("dynamics", self.dynamics), ("reward", self.reward),
+                                 ("future", future)):  # fmt: skip
+                self._frozen[name] = frozen_alias(module)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -106,10 +138,21 @@ class Agent(nn.Module):
         return self.log_alpha.detach().exp()
 
     def objective(self) -> Objective:
-        """Ĵ(s, λ) on the frozen target critics with pessimism β and the current α."""
+        """Ĵ(s, λ) on the frozen target critics with pessimism β and the current α.
+
+        With ``value="model"``, Q is the model value: H-step rollouts through the (frozen) models
+        and future policy, combined by Retrace (DESIGN.md §6).
+        """
         critic, beta = self.target_critic, self.config.beta
+        q_fn = lambda s, a: pessimistic(critic(s, a), beta)  # noqa: E731
+        if self.config.value == "model":
+            q_fn = ModelValue(
+                self._frozen["dynamics"], self._frozen["reward"], critic, self._frozen["future"],
+                self.config.horizon, beta=beta, gamma=self.config.gamma, lam=self.config.lam,
+                alpha=self.alpha,
+            )  # fmt: skip
         return make_objective(
-            lambda s, a: pessimistic(critic(s, a), beta),
+            q_fn,
             alpha=self.alpha,
             n_samples=self.config.n_samples,
             state_dim=self.state_dim,
@@ -169,10 +212,21 @@ class Agent(nn.Module):
         kl = result.final.kl.detach().mean()
         alpha_loss = -self.log_alpha.exp() * (kl - target_kl(self.action_dim))
 
-        # One backward and one fused step for all three (disjoint parameters)
+        total = critic_loss + actor_loss + alpha_loss
+        extra: dict[str, Tensor] = {}
+        if self.config.value == "model":
+            # Models on real transitions; an iterative agent's future policy distilled from it
+            extra = self.model_losses(batch)
+            total = total + extra["dynamics_loss"] + extra["reward_loss"]
+            if self.distilled is not None:
+                teacher = result.dist.detach()
+                extra["distill_loss"] = kl_between(teacher, self.distilled(batch.states)).mean()
+                total = total + extra["distill_loss"]
+
+        # One backward and one fused step for all (disjoint parameters)
         flat = self._flat["trained"]
         flat.grad.zero_()
-        (critic_loss + actor_loss + alpha_loss).backward()
+        total.backward()
         self.optim.step()
 
         # Target critics (the critic's parameters come first in the flat buffer)
@@ -189,7 +243,40 @@ class Agent(nn.Module):
         }
         if self.config.agent == "iterative":
             metrics["improvement"] = result.improvement().detach().mean()
+        metrics.update({k: v.detach() for k, v in extra.items()})
         return metrics
+
+    # -- model (value="model") ------------------------------------------------------------------
+    def model_losses(self, batch: Batch) -> dict[str, Tensor]:
+        """Dynamics MSE and reward NLL on real transitions."""
+        assert self.dynamics is not None and self.reward is not None
+        return {
+            "dynamics_loss": self.dynamics.loss(batch.states, batch.actions, batch.next_states),
+            "reward_loss": self.reward.loss(batch.states, batch.actions, batch.rewards),
+        }
+
+    def fit_model_normalizers(self, data: dict[str, Tensor]) -> None:
+        """Set the models' input/output statistics from real transitions."""
+        assert self.dynamics is not None and self.reward is not None
+        device = self.log_alpha.device
+        s, a = data["states"].to(device), data["actions"].to(device)
+        self.dynamics.fit_normalizers(s, a, data["next_states"].to(device))
+        self.reward.fit_normalizers(s, a, data["rewards"].to(device))
+
+    def model_update(self, batch: Batch) -> dict[str, Tensor]:
+        """One model-only update (the warm-up of the model before joint training)."""
+        losses = self.model_losses(batch)
+        flat = self._flat["trained"]
+        flat.grad.zero_()
+        (losses["dynamics_loss"] + losses["reward_loss"]).backward()
+        self.optim.step()
+        return {k: v.detach() for k, v in losses.items()}
+
+    def future_policy(self) -> DirectPlanner | None:
+        """The direct network the model rollouts act with (None for a model-free agent)."""
+        if self.config.value != "model":
+            return None
+        return self.distilled if self.distilled is not None else self.planner  # type: ignore[return-value]
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The optimizers by name (for checkpoints)."""

@@ -106,6 +106,18 @@ class TanhNormal:
         return (normal - log_det).sum(-1)
 
 
+def kl_between(p: TanhNormal, q: TanhNormal) -> Tensor:
+    """KL(p ‖ q) of two tanh-Normals, [B].
+
+    The closed-form KL of their pre-tanh Gaussians: the squash is invertible, so it leaves the KL
+    unchanged.
+    """
+    log_ratio = q.log_scale - p.log_scale
+    var_ratio = torch.exp(2 * (p.log_scale - q.log_scale))
+    mean_term = ((p.loc - q.loc) / q.log_scale.exp()).square()
+    return (log_ratio + 0.5 * (var_ratio + mean_term) - 0.5).sum(-1)
+
+
 def squash(pre_tanh: Tensor) -> Tensor:
     """tanh, clamped to ±(1 − ACTION_EPS) so downstream inverses stay finite."""
     return torch.tanh(pre_tanh).clamp(-1 + ACTION_EPS, 1 - ACTION_EPS)

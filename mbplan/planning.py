@@ -108,6 +108,9 @@ class Setup:
 
     def future_policy(self):
         """The amortized policy used after the first action of a rollout (a direct network)."""
+        own = self.agent.future_policy()
+        if own is not None:  # a model-based run: its direct policy or distilled network
+            return own
         if self.agent.config.agent != "direct":
             raise UserError(
                 "model-based planning needs a direct future policy; this run's agent is "
@@ -141,7 +144,9 @@ def load_setup(path: str | Path) -> Setup:
     agent.eval()
     setup = Setup(agent, config)
     S, A = setup.state_dim, setup.action_dim
-    if (run / "model").exists() or (run / ".model.old").exists():
+    if agent.dynamics is not None:  # trained with --value model: the agent's own models
+        setup.dynamics, setup.reward = agent.dynamics, agent.reward
+    if (run / "model").exists() or (run / ".model.old").exists():  # fitted afterwards: preferred
         tensors, meta = load_folder(run / "model")
         dynamics, reward = build_models(S, A, meta)
         _load_prefixed(dynamics, tensors, "dynamics.")

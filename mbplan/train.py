@@ -61,6 +61,12 @@ class TrainOptions:
     threads: int = option(
         0, "torch CPU threads (0 = one per core); 1 when running jobs side by side"
     )
+    value: str = option(
+        "model-free", "Ĵ on the critics, or on H-step model rollouts + Retrace",
+        choices=("model-free", "model"),
+    )  # fmt: skip
+    horizon: int = option(2, "rollout horizon H of --value model")
+    model_warmup: int = option(1000, "model-only updates after the random warm-up (--value model)")
     wandb: bool = option(False, "log to Weights & Biases (offline unless WANDB_MODE says online)")
 
     def agent_config(self) -> AgentConfig:
@@ -73,11 +79,14 @@ class TrainOptions:
             gamma=self.gamma,
             tau=self.tau,
             lr=self.lr,
+            value=self.value,
+            horizon=self.horizon,
         )
 
     def validate(self) -> None:
         """Raise :class:`UserError` on values no run can use."""
-        positive = ("steps", "iters", "samples", "batch_size", "buffer_size", "checkpoint_interval")
+        positive = ("steps", "iters", "samples", "batch_size", "buffer_size", "checkpoint_interval",
+                    "horizon")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(
@@ -297,6 +306,18 @@ class Trainer:
         if self._wandb is not None:
             self._wandb.log(record, step=record.get("step"))
 
+    def _model_warmup(self) -> None:
+        opts, agent = self.opts, self.agent
+        agent.fit_model_normalizers(self.buffer.ordered())
+        totals: dict[str, float] = {}
+        for _ in range(opts.model_warmup):
+            batch = self.buffer.sample(opts.batch_size, self.cpu_generator).to(self.device)
+            for k, v in agent.model_update(batch).items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        n = max(opts.model_warmup, 1)
+        self.log({"step": self.step, "model_warmup": opts.model_warmup,
+                  **{f"warmup_{k}": v / n for k, v in totals.items()}})  # fmt: skip
+
     # -- main loop -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Train until ``opts.steps`` env steps; returns a summary."""
@@ -324,6 +345,10 @@ class Trainer:
                 self.episode += 1
                 obs, _ = self.env.reset(seed=opts.seed * 100_003 + self.episode)
                 ep_return, ep_len = 0.0, 0
+
+            # Model warm-up: statistics from the random data, then model-only updates
+            if self.step == opts.warmup + 1 and opts.value == "model":
+                self._model_warmup()
 
             # Update
             if self.step > opts.warmup:

@@ -44,3 +44,21 @@ def views_intact(params: list[nn.Parameter], flat: Tensor) -> bool:
     """True if every parameter still shares ``flat``'s storage (after ``.to()`` it may not)."""
     ptr = flat.untyped_storage().data_ptr()
     return all(p.untyped_storage().data_ptr() == ptr for p in params)
+
+
+def frozen_alias(module: nn.Module) -> nn.Module:
+    """A twin of ``module`` whose parameters and buffers alias the original's, without gradients.
+
+    Updates to the original (optimizer steps, ``load_state_dict``) show in the twin at once; using
+    the twin inside a loss never sends gradients to the original's parameters.
+    """
+    import copy
+
+    twin = copy.deepcopy(module)
+    for src, dst in zip(module.modules(), twin.modules(), strict=True):
+        for name, param in src._parameters.items():
+            if param is not None:
+                dst._parameters[name] = nn.Parameter(param.data, requires_grad=False)
+        for name, buf in src._buffers.items():
+            dst._buffers[name] = buf
+    return twin
