@@ -27,6 +27,9 @@ class FitModelOptions:
     holdout: float = option(0.05, "newest fraction of the replay held out for the errors")
     seed: int = option(0, "seed of initialisation and batches")
     threads: int = option(0, "torch CPU threads (0 = one per core)")
+    distill_steps: int = option(
+        500, "for an iterative run: steps distilling the direct future policy of the rollouts"
+    )
 
 
 @dataclass
@@ -92,7 +95,13 @@ def fit_model_cmd(opts: FitModelOptions) -> None:
     """Fit dynamics and reward on a run's replay; save ``RUN/model``; print open-loop errors."""
     from mbplan.model_fit import fit_models, open_loop_errors, split_holdout
     from mbplan.models.dynamics import Dynamics, Reward
-    from mbplan.planning import model_tensors, replay_transitions, save_folder
+    from mbplan.planning import (
+        distill_direct,
+        load_setup,
+        model_tensors,
+        replay_transitions,
+        save_folder,
+    )
 
     run = _require_checkpoint(opts.checkpoint)
     if opts.steps < 1 or opts.horizon < 1 or not 0 < opts.holdout < 1:
@@ -106,14 +115,26 @@ def fit_model_cmd(opts: FitModelOptions) -> None:
     g = torch.Generator().manual_seed(opts.seed)
     log = fit_models(dynamics, reward, train, opts.steps, opts.batch_size, opts.lr, g)
     errors = open_loop_errors(dynamics, reward, held, opts.horizon, generator=g)
+    tensors = model_tensors(dynamics, reward)
+    setup = load_setup(run)
+    distill_kl = None
+    if setup.agent.config.agent == "iterative" and setup.agent.future_policy() is None:
+        # The rollouts act with a direct network: distil one from the iterative agent.
+        student, distill_kl = distill_direct(
+            setup, train["states"], opts.distill_steps, seed=opts.seed
+        )
+        tensors.update({f"distilled.{k}": v for k, v in student.state_dict().items()})
     meta = {"hidden": opts.hidden, "euler": None, "fit": asdict(opts), "held_out_errors": errors,
-            "final_losses": log[-1], "transitions": int(data["states"].shape[0])}  # fmt: skip
-    save_folder(run / "model", model_tensors(dynamics, reward), meta)
+            "final_losses": log[-1], "transitions": int(data["states"].shape[0]),
+            "distill_kl": distill_kl}  # fmt: skip
+    save_folder(run / "model", tensors, meta)
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"model_fit": meta}) + "\n")
     _print_errors(
         errors, f"model fitted on {train['states'].shape[0]} transitions, saved to {run}/model"
     )
+    if distill_kl is not None:
+        print(f"direct future policy distilled from the iterative agent: KL {distill_kl:.4f}")
 
 
 def _print_errors(errors: dict, header: str) -> None:

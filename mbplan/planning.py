@@ -24,13 +24,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mbplan.agent import Agent
-from mbplan.distributions import TanhNormal
+from mbplan.distributions import TanhNormal, kl_between
 from mbplan.envs import render_frame
 from mbplan.errors import UserError
 from mbplan.model_value import ModelValue
 from mbplan.models.dynamics import Dynamics, EulerSpec, Reward
 from mbplan.objective import Objective, make_objective
-from mbplan.planners import IterativePlanner, Planner, make_planner
+from mbplan.planners import DirectPlanner, IterativePlanner, Planner, make_planner
 from mbplan.train import load_agent
 
 OBJECTIVES = ("model-free", "model")
@@ -88,6 +88,7 @@ class Setup:
         dynamics: Learned dynamics (None for a run without a model).
         reward: Learned reward (None without a model).
         optimizers: Iterative optimizers fitted per objective (``model-free``, ``model``).
+        distilled: A direct network distilled from an iterative agent by ``fit-model``.
     """
 
     agent: Agent
@@ -95,6 +96,7 @@ class Setup:
     dynamics: Dynamics | None = None
     reward: Reward | None = None
     optimizers: dict[str, IterativePlanner] = field(default_factory=dict)
+    distilled: DirectPlanner | None = None
 
     @property
     def state_dim(self) -> int:
@@ -111,12 +113,11 @@ class Setup:
         own = self.agent.future_policy()
         if own is not None:  # a model-based run: its direct policy or distilled network
             return own
-        if self.agent.config.agent != "direct":
-            raise UserError(
-                "model-based planning needs a direct future policy; this run's agent is "
-                f"{self.agent.config.agent!r} (use a direct run)"
-            )
-        return self.agent.planner
+        if self.agent.config.agent == "direct":
+            return self.agent.planner
+        if self.distilled is not None:
+            return self.distilled
+        raise UserError("this iterative run has no direct future policy: run `mbplan fit-model`")
 
 
 def model_tensors(dynamics: Dynamics, reward: Reward) -> dict[str, torch.Tensor]:
@@ -152,6 +153,9 @@ def load_setup(path: str | Path) -> Setup:
         _load_prefixed(dynamics, tensors, "dynamics.")
         _load_prefixed(reward, tensors, "reward.")
         setup.dynamics, setup.reward = dynamics.eval(), reward.eval()
+        if any(k.startswith("distilled.") for k in tensors):
+            setup.distilled = DirectPlanner(S, A, int(meta.get("hidden", 256)))
+            _load_prefixed(setup.distilled, tensors, "distilled.")
     for objective in OBJECTIVES:
         folder = run / "optimizers" / objective
         if folder.exists():
@@ -159,7 +163,8 @@ def load_setup(path: str | Path) -> Setup:
             planner = IterativePlanner(S, A, **meta["hyperparameters"])
             _load_prefixed(planner, tensors, "")
             setup.optimizers[objective] = planner.eval()
-    for module in [setup.agent, setup.dynamics, setup.reward, *setup.optimizers.values()]:
+    modules = [setup.agent, setup.dynamics, setup.reward, setup.distilled]
+    for module in [*modules, *setup.optimizers.values()]:
         if module is not None:
             module.requires_grad_(False)
     return setup
@@ -374,3 +379,35 @@ def fit_optimizer(
         if on_step is not None:
             on_step(step, loss.item(), improvements[-1])
     return planner.eval().requires_grad_(False), improvements
+
+
+def distill_direct(
+    setup: Setup,
+    states: torch.Tensor,
+    steps: int,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> tuple[DirectPlanner, float]:
+    """Distil a direct network from an iterative agent: minimise KL(π_iter (detached) ‖ π_direct).
+
+    The teacher is the agent's final-iterate policy on its model-free objective, at replay states.
+
+    Returns:
+        (the network, the mean KL over the last 50 steps).
+    """
+    torch.manual_seed(seed)
+    student = DirectPlanner(setup.state_dim, setup.action_dim, setup.agent.config.hidden)
+    generator = torch.Generator().manual_seed(seed)
+    optim = torch.optim.Adam(student.parameters(), lr=lr)
+    kls = []
+    for _ in range(steps):
+        idx = torch.randint(0, states.shape[0], (batch_size,), generator=generator)
+        teacher = setup.agent.policy(states[idx], generator)  # detached λ_N
+        kl = kl_between(teacher, student(states[idx])).mean()
+        optim.zero_grad(set_to_none=True)
+        kl.backward()
+        optim.step()
+        kls.append(kl.item())
+    tail = kls[-min(50, len(kls)) :]
+    return student.eval().requires_grad_(False), sum(tail) / len(tail)

@@ -124,3 +124,17 @@ def test_transfer_needs_a_model_free_optimizer(run_with_model, tmp_path):
     shutil.copytree(run_with_model, copy)
     shutil.rmtree(copy / "optimizers", ignore_errors=True)
     one_line_error(run_cli("transfer", "--checkpoint", copy, "--episodes", 1))
+
+
+def test_iterative_run_gets_a_distilled_future_policy(tmp_path):
+    run = tmp_path / "it"
+    ok(run_cli("train", "--env", "InvertedPendulum-v5", "--agent", "iterative", "--steps", 130,
+               "--warmup", 100, "--batch-size", 8, "--samples", 2, "--iters", 2,
+               "--eval-interval", 0, "--out", run, "--threads", 1))  # fmt: skip
+    one_line_error(run_cli("plan", "--checkpoint", run, "--planner", "adam", "--max-steps", 2))
+    out = ok(run_cli("fit-model", "--checkpoint", run, "--steps", 20, "--horizon", 2,
+                     "--distill-steps", 10))  # fmt: skip
+    assert "distilled" in out
+    out = ok(run_cli("plan", "--checkpoint", run, "--planner", "iterative", "--horizon", 2,
+                     "--max-steps", 2, "--samples", 2))  # fmt: skip
+    assert "ms/action" in out
