@@ -19,11 +19,13 @@ from mbplan.bench.overhead import OverheadOptions, run_overhead
 from mbplan.cli_args import add_dataclass_args, from_namespace, option
 from mbplan.cli_planning import (
     EvalModelOptions,
+    ExportOptions,
     FitModelOptions,
     FitOptimizerOptions,
     PlanOptions,
     TransferOptions,
     eval_model_cmd,
+    export_cmd,
     fit_model_cmd,
     fit_optimizer_cmd,
     plan_cmd,
@@ -190,6 +192,13 @@ COMMANDS: dict[str, dict[str, Command]] = {
             "zero-shot model-free → model-based optimizer transfer (Fig. 8d)",
             TransferOptions,
             transfer_cmd,
+        )
+    },
+    "export": {
+        "": (
+            "write a lean planning bundle of a run (what `plan` needs, a few MB)",
+            ExportOptions,
+            export_cmd,
         )
     },
     "bench": {

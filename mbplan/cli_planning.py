@@ -91,6 +91,33 @@ def _require_checkpoint(path: str) -> Path:
     return Path(path)
 
 
+def _checkpoint_or_default(path: str) -> Path:
+    """--checkpoint, or the bundled default when it is not given."""
+    from mbplan.planning import default_bundle
+
+    return _require_checkpoint(path) if path else default_bundle()
+
+
+@dataclass
+class ExportOptions:
+    """Options of ``mbplan export``."""
+
+    checkpoint: str = option("", "run folder (with a model and fitted optimizers)")
+    out: str = option("", "folder for the lean planning bundle")
+
+
+def export_cmd(opts: ExportOptions) -> None:
+    """Write a lean planning bundle (weights, model, optimizers; no replay or optimizer state)."""
+    from mbplan.planning import export_bundle
+
+    run = _require_checkpoint(opts.checkpoint)
+    if not opts.out:
+        raise UserError("--out is required")
+    out = export_bundle(run, opts.out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"planning bundle written to {out} ({size / 1e6:.1f} MB)")
+
+
 def fit_model_cmd(opts: FitModelOptions) -> None:
     """Fit dynamics and reward on a run's replay; save ``RUN/model``; print open-loop errors."""
     from mbplan.model_fit import fit_models, open_loop_errors, split_holdout
@@ -228,10 +255,8 @@ def plan_cmd(opts: PlanOptions) -> None:
         raise UserError(f"--horizon must be >= 1, got {opts.horizon}")
     if opts.iters < 0 or opts.episodes < 1 or opts.samples < 0 or opts.max_steps < 0:
         raise UserError("--iters, --samples, --max-steps must be >= 0 and --episodes >= 1")
-    if not opts.checkpoint:
-        raise UserError("no bundled default checkpoint in this version: pass --checkpoint RUN")
     _threads(opts.threads)
-    setup = load_setup(_require_checkpoint(opts.checkpoint))
+    setup = load_setup(_checkpoint_or_default(opts.checkpoint))
     objective, _ = model_objective(setup, opts.horizon, opts.samples or None)
     planner = planner_for(setup, opts.planner, "model")
     env = make_env(opts.env or setup.config["env"], seed=opts.seed, render=bool(opts.video))
@@ -317,12 +342,10 @@ def transfer_cmd(opts: TransferOptions) -> None:
     from mbplan.planning import load_setup, model_objective, run_mpc
     from mbplan.train import check_env_matches
 
-    if not opts.checkpoint:
-        raise UserError("no bundled default checkpoint in this version: pass --checkpoint RUN")
     if opts.horizon < 1 or opts.episodes < 1:
         raise UserError("--horizon and --episodes must be >= 1")
     _threads(opts.threads)
-    setup = load_setup(_require_checkpoint(opts.checkpoint))
+    setup = load_setup(_checkpoint_or_default(opts.checkpoint))
     source = load_setup(_require_checkpoint(opts.optimizer_from)) if opts.optimizer_from else setup
     if "model-free" not in source.optimizers:
         raise UserError(

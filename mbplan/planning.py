@@ -411,3 +411,45 @@ def distill_direct(
         kls.append(kl.item())
     tail = kls[-min(50, len(kls)) :]
     return student.eval().requires_grad_(False), sum(tail) / len(tail)
+
+
+# -- lean planning bundles (the shipped default is one) --------------------------------------------
+
+DEFAULT_BUNDLE = "default"
+
+
+def export_bundle(run: str | Path, out: str | Path) -> Path:
+    """Copy what planning needs from a run into ``out``.
+
+    That is the newest checkpoint's weights (no replay, no optimizer state), ``model/`` and
+    ``optimizers/``: a few MB for 2×256 networks.
+    """
+    from mbplan.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+
+    run, out = Path(run), Path(out)
+    groups, meta = load_checkpoint(run)
+    lean_meta = {k: v for k, v in meta.items() if k in ("config", "env_spec", "mbplan_version")}
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, int(meta["step"]), {"weights": groups["weights"]}, lean_meta, keep=1)
+    for sub in ("model", *(f"optimizers/{o}" for o in OBJECTIVES)):
+        if (run / sub).exists():
+            tensors, sub_meta = load_folder(run / sub)
+            (out / sub).parent.mkdir(parents=True, exist_ok=True)
+            save_folder(out / sub, tensors, sub_meta)
+    (out / "source.json").write_text(json.dumps({"run": str(run), "checkpoint":
+                                                 find_checkpoint(run).name}, indent=1))  # fmt: skip
+    return out
+
+
+def default_bundle() -> Path:
+    """The bundled default checkpoint shipped inside the package.
+
+    Raises:
+        UserError: This build ships none.
+    """
+    from importlib.resources import files
+
+    path = Path(str(files("mbplan") / "data" / DEFAULT_BUNDLE))
+    if not (path / "latest").is_file():
+        raise UserError("no bundled default checkpoint in this version: pass --checkpoint RUN")
+    return path

@@ -138,3 +138,15 @@ def test_iterative_run_gets_a_distilled_future_policy(tmp_path):
     out = ok(run_cli("plan", "--checkpoint", run, "--planner", "iterative", "--horizon", 2,
                      "--max-steps", 2, "--samples", 2))  # fmt: skip
     assert "ms/action" in out
+
+
+def test_export_bundle_plans_without_replay(run_with_model, tmp_path):
+    bundle = tmp_path / "bundle"
+    out = ok(run_cli("export", "--checkpoint", run_with_model, "--out", bundle))
+    assert "MB" in out
+    assert not list(bundle.rglob("replay.safetensors")) and not list(bundle.rglob("optim_*"))
+    size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
+    assert size < 10e6
+    out = ok(run_cli("plan", "--checkpoint", bundle, "--planner", "cem", "--horizon", 2,
+                     "--max-steps", 2, "--iters", 2, "--samples", 2))  # fmt: skip
+    assert "ms/action" in out
