@@ -30,7 +30,13 @@ from mbplan.errors import UserError
 from mbplan.model_value import ModelValue
 from mbplan.models.dynamics import Dynamics, EulerSpec, Reward
 from mbplan.objective import Objective, make_objective
-from mbplan.planners import DirectPlanner, IterativePlanner, Planner, make_planner
+from mbplan.planners import (
+    DirectPlanner,
+    IterativePlanner,
+    Planner,
+    make_planner,
+    train_amortized,
+)
 from mbplan.train import load_agent
 
 OBJECTIVES = ("model-free", "model")
@@ -367,18 +373,12 @@ def fit_optimizer(
     torch.manual_seed(seed)
     planner = IterativePlanner(setup.state_dim, setup.action_dim, n_iters=n_iters)
     generator = torch.Generator().manual_seed(seed)
-    optim = torch.optim.Adam(planner.parameters(), lr=lr)
-    improvements = []
-    for step in range(steps):
-        idx = torch.randint(0, states.shape[0], (batch_size,), generator=generator)
-        loss, result = planner.loss(objective, states[idx], generator)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        improvements.append(float(result.improvement().mean()))
-        if on_step is not None:
-            on_step(step, loss.item(), improvements[-1])
-    return planner.eval().requires_grad_(False), improvements
+
+    def sample_states() -> torch.Tensor:
+        return states[torch.randint(0, states.shape[0], (batch_size,), generator=generator)]
+
+    log = train_amortized(planner, objective, sample_states, steps, lr, generator, on_step=on_step)
+    return planner.eval().requires_grad_(False), log.improvements
 
 
 def distill_direct(

@@ -104,6 +104,7 @@ def train_amortized(
     lr: float = 3e-4,
     generator: torch.Generator | None = None,
     n_iters: int | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
 ) -> TrainLog:
     """Train a ``direct`` or ``iterative`` planner's weights on any objective.
 
@@ -115,6 +116,7 @@ def train_amortized(
         lr: Adam learning rate.
         generator: Sampling noise inside the objective.
         n_iters: Iterations per plan (default the planner's own).
+        on_step: Called after each step with (step, loss, mean improvement), e.g. a progress bar.
 
     Returns:
         :class:`TrainLog` with one entry per step.
@@ -124,7 +126,7 @@ def train_amortized(
     )
     optimizer = torch.optim.Adam(planner.parameters(), lr=lr)
     log = TrainLog([], [])
-    for _ in range(steps):
+    for step in range(steps):
         states = next(batches)
         loss, result = planner.loss(objective, states, generator=generator, n_iters=n_iters)
         optimizer.zero_grad(set_to_none=True)
@@ -132,4 +134,6 @@ def train_amortized(
         optimizer.step()
         log.losses.append(loss.item())
         log.improvements.append(result.improvement().detach().mean().item())
+        if on_step is not None:
+            on_step(step, log.losses[-1], log.improvements[-1])
     return log

@@ -13,15 +13,6 @@ from mbplan.replay import Batch
 S, A = 3, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on a busy 2-core machine are many times slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_batch(B: int, seed: int = 0, terminated=None) -> Batch:
     g = torch.Generator().manual_seed(seed)
     return Batch(

@@ -19,14 +19,6 @@ from mbplan.replay import Batch
 from mbplan.train import agent_tensors, restore_agent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tensor_groups() -> dict[str, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     flat = torch.randn(10, generator=g)

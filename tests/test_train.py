@@ -25,15 +25,6 @@ from mbplan.train import Trainer, TrainOptions, check_env_matches, eval_checkpoi
 ENV = "InvertedPendulum-v5"  # S = 4, A = 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on a busy 2-core machine are many times slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cli_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
 
