@@ -281,7 +281,7 @@ class Trainer:
         # Drop metric lines written after that checkpoint (the killed process's tail).
         path = self.run_dir / "metrics.jsonl"
         lines = path.read_text().splitlines() if path.exists() else []
-        kept = [ln for ln in lines if _step_of(ln) is not None and _step_of(ln) <= self.step]
+        kept = [ln for ln in lines if (step := _step_of(ln)) is not None and step <= self.step]
         atomic_write_text(path, "".join(ln + "\n" for ln in kept))
         # config.json follows the resumed options (e.g. a new --steps)
         config = json.loads((self.run_dir / "config.json").read_text())
