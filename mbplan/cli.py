@@ -166,6 +166,22 @@ def _eval(opts: EvalOptions) -> None:
 
 # name → (help, options dataclass, handler)
 Command = tuple[str, type, Callable[[Any], None]]
+
+
+def discover(package_name: str) -> dict[str, Command]:
+    """Subcommands of a package: every module that defines ``COMMAND = (name, help, Opts, fn)``."""
+    import importlib
+    import pkgutil
+
+    package = importlib.import_module(package_name)
+    found: dict[str, Command] = {}
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{package_name}.{info.name}")
+        command = getattr(module, "COMMAND", None)
+        if command is not None:
+            name, *rest = command
+            found[name] = tuple(rest)  # type: ignore[assignment]
+    return found
 COMMANDS: dict[str, dict[str, Command]] = {
     "train": {
         "": ("train an agent (direct or iterative) on a gymnasium env", TrainCommand, _train)
@@ -207,7 +223,9 @@ COMMANDS: dict[str, dict[str, Command]] = {
             OverheadOptions,
             _bench_overhead,
         ),
+        **discover("mbplan.bench"),
     },
+    "viz": discover("mbplan.viz"),
 }
 
 

@@ -91,7 +91,7 @@ def _require_checkpoint(path: str) -> Path:
     return Path(path)
 
 
-def _checkpoint_or_default(path: str) -> Path:
+def checkpoint_or_default(path: str) -> Path:
     """--checkpoint, or the bundled default when it is not given."""
     from mbplan.planning import default_bundle
 
@@ -256,7 +256,7 @@ def plan_cmd(opts: PlanOptions) -> None:
     if opts.iters < 0 or opts.episodes < 1 or opts.samples < 0 or opts.max_steps < 0:
         raise UserError("--iters, --samples, --max-steps must be >= 0 and --episodes >= 1")
     _threads(opts.threads)
-    setup = load_setup(_checkpoint_or_default(opts.checkpoint))
+    setup = load_setup(checkpoint_or_default(opts.checkpoint))
     objective, _ = model_objective(setup, opts.horizon, opts.samples or None)
     planner = planner_for(setup, opts.planner, "model")
     env = make_env(opts.env or setup.config["env"], seed=opts.seed, render=bool(opts.video))
@@ -345,7 +345,7 @@ def transfer_cmd(opts: TransferOptions) -> None:
     if opts.horizon < 1 or opts.episodes < 1:
         raise UserError("--horizon and --episodes must be >= 1")
     _threads(opts.threads)
-    setup = load_setup(_checkpoint_or_default(opts.checkpoint))
+    setup = load_setup(checkpoint_or_default(opts.checkpoint))
     source = load_setup(_require_checkpoint(opts.optimizer_from)) if opts.optimizer_from else setup
     if "model-free" not in source.optimizers:
         raise UserError(

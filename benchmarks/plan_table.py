@@ -1,0 +1,121 @@
+"""The README's planning table: return and ms/action per planner and horizon on a checkpoint.
+
+Each cell is receding-horizon control in the real env against Ĵ_MB (``mbplan plan``'s loop), with
+the same seeds for every cell. Cells are saved one JSON file each as they finish, so the script can
+be killed and rerun; finished cells are skipped. Writes ``plan_table.csv`` and ``plan_table.md``.
+
+    python benchmarks/plan_table.py                      # bundled default, 3 episodes × 200 steps
+    python benchmarks/plan_table.py --checkpoint RUN --episodes 3 --max-steps 1000
+
+Cells: iterative (its own N), adam 5 and 50, cem 5 and 50 iterations, direct; each at H = 1, 2, 5;
+then the zero-shot transfer rows (iterative optimizer fitted on the model-free objective, planning
+against Ĵ_MB at H = 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mbplan.cli_planning import checkpoint_or_default
+from mbplan.envs import make_env
+from mbplan.perf import tune_malloc
+from mbplan.planning import load_setup, model_objective, planner_for, run_mpc
+
+#: (label, planner, iterations; None = the planner's default)
+CONTENDERS = [
+    ("iterative", "iterative", None),
+    ("adam 5", "adam", 5),
+    ("adam 50", "adam", 50),
+    ("cem 5", "cem", 5),
+    ("cem 50", "cem", 50),
+    ("direct", "direct", None),
+]
+
+
+def run_cell(setup, planner, horizon: int, iters: int | None, args) -> dict:
+    """Return mean ± std, ms/action and Ĵ improvement of one planner at one horizon."""
+    objective, _ = model_objective(setup, horizon)
+    env = make_env(setup.config["env"], seed=args.seed)
+    start = time.perf_counter()
+    stats = run_mpc(setup, env, planner, objective, args.episodes, iters, args.seed,
+                    max_steps=args.max_steps or None)  # fmt: skip
+    return {
+        "horizon": horizon,
+        "iters": iters if iters is not None else planner.default_iters,
+        "episodes": len(stats.returns),
+        "steps_per_episode": args.max_steps or 1000,
+        "return_mean": statistics.fmean(stats.returns),
+        "return_std": statistics.pstdev(stats.returns),
+        "returns": stats.returns,
+        "ms_per_action": stats.ms_per_action,
+        "improvement": stats.improvement,
+        "wall_seconds": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--checkpoint", default="", help="run folder (default: the bundled default)")
+    p.add_argument("--horizons", type=int, nargs="+", default=[1, 2, 5])
+    p.add_argument("--episodes", type=int, default=3)
+    p.add_argument("--max-steps", type=int, default=200, help="steps per episode (0 = env limit)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="benchmarks/results/plan_table")
+    args = p.parse_args()
+    tune_malloc()
+    torch.set_num_threads(args.threads)
+    setup = load_setup(checkpoint_or_default(args.checkpoint))
+    out = Path(args.out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+
+    cells = [(label, name, it, H) for H in args.horizons for label, name, it in CONTENDERS]
+    cells += [("iterative (model-free, zero-shot)", "transfer", None, max(args.horizons))]
+    rows = []
+    for label, name, iters, H in cells:
+        path = out / "cells" / f"{label.replace(' ', '_').replace(',', '')}-H{H}.json"
+        if path.exists():
+            row = json.loads(path.read_text())
+        else:
+            if name == "transfer":
+                if "model-free" not in setup.optimizers:
+                    continue
+                planner = setup.optimizers["model-free"]
+            else:
+                planner = planner_for(setup, name, "model")
+            row = {"planner": label, **run_cell(setup, planner, H, iters, args)}
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(row, indent=1))
+            tmp.replace(path)
+        rows.append(row)
+        print(f"{label:34s} H={H}  return {row['return_mean']:8.1f} ± {row['return_std']:6.1f}  "
+              f"{row['ms_per_action']:8.1f} ms/action  ΔĴ {row['improvement']:7.3f}",
+              flush=True)  # fmt: skip
+
+    fields = ["planner", "horizon", "iters", "episodes", "steps_per_episode", "return_mean",
+              "return_std", "ms_per_action", "improvement", "wall_seconds"]  # fmt: skip
+    with open(out / "plan_table.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    lines = [
+        "| planner | iters | H | return (mean ± std) | ms/action | Ĵ(λ_I) − Ĵ(λ_0) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['planner']} | {r['iters']} | {r['horizon']} | "
+                     f"{r['return_mean']:.1f} ± {r['return_std']:.1f} | "
+                     f"{r['ms_per_action']:.1f} | {r['improvement']:.3f} |")  # fmt: skip
+    (out / "plan_table.md").write_text("\n".join(lines) + "\n")
+    print(f"written {out / 'plan_table.csv'} and {out / 'plan_table.md'}")
+
+
+if __name__ == "__main__":
+    main()

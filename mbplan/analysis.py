@@ -1,0 +1,210 @@
+"""Shared pieces of ``mbplan bench ...`` and ``mbplan viz ...``: states, objectives, outputs.
+
+Every benchmark and figure runs on a planning setup (a run folder or the bundled default), on
+states gathered by running the agent's direct policy in the real env, against either the
+model-free objective (the run's pessimistic critics) or the model-based one (Ĵ_MB over H steps).
+Results go to ``<out>/<stem>.csv`` (or ``.json``) and ``<out>/<stem>.png`` (``.svg`` on request).
+
+Shapes: N states · S state dims · A action dims.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mbplan.cli_args import option
+from mbplan.errors import UserError
+from mbplan.objective import Objective
+
+OBJECTIVE_KINDS = ("model-free", "model")
+
+
+@dataclass
+class CommonOptions:
+    """Options shared by every ``bench``/``viz`` subcommand (subclass and add your own)."""
+
+    checkpoint: str = option("", "run folder or bundle (default: the bundled default)")
+    out: str = option("mbplan-results", "folder for the data file and the figure")
+    svg: bool = option(False, "also write the figure as SVG")
+    seed: int = option(0, "seed of env resets and sampling noise")
+    threads: int = option(1, "torch CPU threads (0 = one per core)")
+
+
+def load(opts: CommonOptions):
+    """The :class:`~mbplan.planning.Setup` of ``opts.checkpoint`` (or the default); sets threads."""
+    from mbplan.cli_planning import checkpoint_or_default
+    from mbplan.planning import load_setup
+
+    if opts.threads > 0:
+        torch.set_num_threads(opts.threads)
+    return load_setup(checkpoint_or_default(opts.checkpoint))
+
+
+def objective_for(
+    setup, kind: str, horizon: int = 5, samples: int | None = None, lam: float = 0.9
+) -> Objective:
+    """Ĵ of ``kind`` ``"model-free"`` (the run's critics) or ``"model"`` (Ĵ_MB over H steps)."""
+    from mbplan.planning import model_free_objective, model_objective
+
+    if kind == "model-free":
+        return model_free_objective(setup, samples)
+    if kind == "model":
+        return model_objective(setup, horizon, samples, lam)[0]
+    raise UserError(f"unknown objective {kind!r}; choose from {', '.join(OBJECTIVE_KINDS)}")
+
+
+@dataclass
+class Trajectory:
+    """Real states visited by the direct policy, one episode after another.
+
+    Attributes:
+        states: Observations [N, S] (float32).
+        actions: Actions taken [N, A].
+        rewards: Rewards received [N].
+        episode: Episode index of each state [N].
+        t: Step within its episode [N].
+        sim_states: MuJoCo (qpos ‖ qvel) before each step [N, nq+nv], or None for non-MuJoCo envs.
+    """
+
+    states: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    episode: torch.Tensor
+    t: torch.Tensor
+    sim_states: np.ndarray | None
+
+
+def run_policy(
+    setup, n_steps: int, seed: int = 0, stochastic: bool = False, env_id: str | None = None
+) -> Trajectory:
+    """Run the run's direct policy in the real env for ``n_steps`` steps (new episodes as needed).
+
+    Args:
+        setup: A loaded planning setup.
+        n_steps: Steps to record.
+        seed: Episode e is reset with seed + e; sampling (``stochastic``) is seeded too.
+        stochastic: Act with samples of π instead of tanh(μ).
+        env_id: Env to run (default: the run's).
+    """
+    from mbplan.envs import make_env
+
+    env = make_env(env_id or setup.config["env"], seed=seed)
+    policy = setup.future_policy()
+    generator = torch.Generator().manual_seed(seed)
+    mj = getattr(env.unwrapped, "data", None)
+    rec: dict[str, list] = {k: [] for k in ("s", "a", "r", "ep", "t", "sim")}
+    episode, (obs, _), t = 0, env.reset(seed=seed), 0
+    while len(rec["s"]) < n_steps:
+        state = torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0)  # (1, S)
+        with torch.no_grad():
+            dist = policy(state)
+            action = dist.rsample(1, generator)[0][0] if stochastic else dist.mode()
+        action = action.reshape(-1).numpy()
+        if mj is not None:
+            rec["sim"].append(np.concatenate([mj.qpos, mj.qvel]).copy())
+        obs, reward, terminated, truncated, _ = env.step(action)
+        for k, v in zip(("s", "a", "r", "ep", "t"), (state[0], action, reward, episode, t)):
+            rec[k].append(v)
+        t += 1
+        if terminated or truncated:
+            episode, t = episode + 1, 0
+            obs, _ = env.reset(seed=seed + episode)
+    env.close()
+    return Trajectory(
+        states=torch.stack(rec["s"]),
+        actions=torch.as_tensor(np.stack(rec["a"]), dtype=torch.float32),
+        rewards=torch.as_tensor(rec["r"], dtype=torch.float32),
+        episode=torch.as_tensor(rec["ep"]),
+        t=torch.as_tensor(rec["t"]),
+        sim_states=np.stack(rec["sim"]) if rec["sim"] else None,
+    )
+
+
+def on_policy_states(setup, n_states: int, seed: int = 0, stride: int = 5) -> torch.Tensor:
+    """``n_states`` real states [N, S] visited by the direct policy, every ``stride``-th step."""
+    if n_states < 1:
+        raise UserError(f"--states must be >= 1, got {n_states}")
+    return run_policy(setup, n_states * stride, seed).states[::stride][:n_states]
+
+
+# -- outputs --------------------------------------------------------------------------------------
+
+
+def out_path(opts: CommonOptions, stem: str, suffix: str) -> Path:
+    """``<out>/<stem><suffix>``, creating the folder."""
+    folder = Path(opts.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{stem}{suffix}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Path:
+    """Write ``rows`` (dicts) with exactly ``columns`` as a CSV file (atomically)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, list(columns), extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: _plain(v) for k, v in row.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write ``data`` (tensors and arrays become lists) as indented JSON (atomically)."""
+    _atomic_write_text(path, json.dumps(_plain(data), indent=1))
+    return path
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().numpy()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4, 4.2), **kw):
+    """A matplotlib figure (Agg backend, no display needed) with ``nrows × ncols`` axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False,
+                        constrained_layout=True, **kw)  # fmt: skip
+
+
+def save_figure(fig, opts: CommonOptions, stem: str) -> list[Path]:
+    """Save ``fig`` as ``<out>/<stem>.png`` (and ``.svg`` with ``--svg``); closes it."""
+    import matplotlib.pyplot as plt
+
+    paths = [out_path(opts, stem, ".png")]
+    if opts.svg:
+        paths.append(out_path(opts, stem, ".svg"))
+    for p in paths:
+        tmp = p.with_name(f".tmp-{p.name}")  # keeps the suffix matplotlib needs for the format
+        fig.savefig(tmp, dpi=130)
+        os.replace(tmp, p)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,1 @@
+"""Figures behind ``mbplan viz ...``: each module defines ``COMMAND = (name, help, Options, run)``."""
