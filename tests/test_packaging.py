@@ -29,8 +29,12 @@ def test_wheel_contains_subpackages_and_imports(tmp_path):
     )
     (wheel,) = tmp_path.glob("mbplan-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for sub in ("mbplan/models/", "mbplan/planners/"):
+    for sub in ("mbplan/models/", "mbplan/planners/", "mbplan/bench/", "mbplan/viz/"):
         assert any(n.startswith(sub) and n.endswith(".py") for n in names), sub
+    # The bundled default checkpoint travels with the package.
+    for part in ("latest", "model/weights.safetensors", "optimizers/model/meta.json",
+                 "optimizers/model-free/meta.json"):  # fmt: skip
+        assert f"mbplan/data/default/{part}" in names, part
     assert not any(n.startswith(("models/", "planners/")) for n in names)
 
     # Installed into a separate target and imported from a folder outside the repository.
@@ -41,7 +45,8 @@ def test_wheel_contains_subpackages_and_imports(tmp_path):
         capture_output=True,
     )
     code = (
-        "import mbplan, mbplan.models, mbplan.planners;"
+        "import mbplan, mbplan.models, mbplan.planners, mbplan.planning;"
+        "assert (mbplan.planning.default_bundle() / 'latest').is_file();"
         f"assert mbplan.__file__.startswith({str(target)!r}), mbplan.__file__;"
         "print(sorted(mbplan.planners.PLANNERS))"
     )

@@ -98,7 +98,6 @@ def test_plan_bad_input(run_with_model, args):
 
 def test_plan_missing_or_corrupt(run_with_model, tmp_path):
     one_line_error(run_cli("plan", "--checkpoint", tmp_path / "nope"))
-    one_line_error(run_cli("plan"))  # no bundled default yet: explicit error
     import shutil
 
     bad = tmp_path / "bad"

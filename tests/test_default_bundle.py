@@ -1,0 +1,51 @@
+"""The bundled default checkpoint: shipped in the package, small, and every planner runs on it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import mbplan
+from mbplan.planning import default_bundle, load_setup
+
+pytestmark = [pytest.mark.mujoco, pytest.mark.slow]
+
+
+def run_cli(*args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "osmesa"}
+    return subprocess.run(
+        [sys.executable, "-m", "mbplan.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
+
+
+def test_bundle_is_complete_and_small():
+    path = default_bundle()
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < 10e6, f"{size / 1e6:.1f} MB"
+    setup = load_setup(path)
+    assert setup.config["env"] == "HalfCheetah-v5"
+    assert (setup.state_dim, setup.action_dim) == (17, 6)
+    assert setup.dynamics is not None and setup.reward is not None
+    assert set(setup.optimizers) == {"model-free", "model"}
+
+
+@pytest.mark.parametrize("planner", sorted(mbplan.PLANNERS))
+def test_plan_runs_on_the_default(planner):
+    out = run_cli("plan", "--planner", planner, "--horizon", 2, "--episodes", 1, "--max-steps", 3,
+                  "--iters", 2 if planner in ("adam", "cem") else 0, "--threads", 1)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{planner} H=2: return" in out.stdout and "ms/action" in out.stdout
+
+
+def test_transfer_runs_on_the_default():
+    out = run_cli("transfer", "--episodes", 1, "--max-steps", 3, "--threads", 1)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("zero-shot", "model-based", "direct"):
+        assert name in out.stdout
+
+
+def test_default_refuses_an_env_of_other_sizes():
+    out = run_cli("plan", "--env", "Hopper-v5", "--max-steps", 2)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
