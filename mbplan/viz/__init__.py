@@ -1,1 +1,4 @@
-"""Figures behind ``mbplan viz ...``: each module defines ``COMMAND = (name, help, Options, run)``."""
+"""Figures behind ``mbplan viz ...``.
+
+Each module that defines ``COMMAND = (name, help, Options, run)`` is a subcommand.
+"""
