@@ -422,7 +422,8 @@ def export_bundle(run: str | Path, out: str | Path) -> Path:
     """Copy what planning needs from a run into ``out``.
 
     That is the newest checkpoint's weights (no replay, no optimizer state), ``model/`` and
-    ``optimizers/``: a few MB for 2×256 networks.
+    ``optimizers/``: a few MB for 2×256 networks; plus the run's ``config.json`` and
+    ``metrics.jsonl`` (its training history, for ``mbplan viz training``).
     """
     from mbplan.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 
@@ -436,6 +437,9 @@ def export_bundle(run: str | Path, out: str | Path) -> Path:
             tensors, sub_meta = load_folder(run / sub)
             (out / sub).parent.mkdir(parents=True, exist_ok=True)
             save_folder(out / sub, tensors, sub_meta)
+    for name in ("config.json", "metrics.jsonl"):
+        if (run / name).is_file():
+            shutil.copyfile(run / name, out / name)
     (out / "source.json").write_text(json.dumps({"run": str(run), "checkpoint":
                                                  find_checkpoint(run).name}, indent=1))  # fmt: skip
     return out

@@ -144,6 +144,7 @@ def test_export_bundle_plans_without_replay(run_with_model, tmp_path):
     out = ok(run_cli("export", "--checkpoint", run_with_model, "--out", bundle))
     assert "MB" in out
     assert not list(bundle.rglob("replay.safetensors")) and not list(bundle.rglob("optim_*"))
+    assert (bundle / "metrics.jsonl").is_file() and (bundle / "config.json").is_file()
     size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
     assert size < 10e6
     out = ok(run_cli("plan", "--checkpoint", bundle, "--planner", "cem", "--horizon", 2,
