@@ -182,6 +182,8 @@ def discover(package_name: str) -> dict[str, Command]:
             name, *rest = command
             found[name] = tuple(rest)  # type: ignore[assignment]
     return found
+
+
 COMMANDS: dict[str, dict[str, Command]] = {
     "train": {
         "": ("train an agent (direct or iterative) on a gymnasium env", TrainCommand, _train)

@@ -1,4 +1,4 @@
-"""``mbplan bench planners``, ``gap`` and ``iterations`` on the bundled default (subprocess)."""
+"""``mbplan bench planners`` (with its step-size sweep), ``gap`` and ``iterations`` (subprocess)."""
 
 import csv
 import os
@@ -6,14 +6,20 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from conftest import quadratic_family
+
+import mbplan
+from mbplan.bench.planners import SWEEP_LRS, Curve, sweep_score, tune
 
 pytestmark = [pytest.mark.mujoco, pytest.mark.slow]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 SMOKE = {
-    "planners": (["--states", 3, "--iters", 8, "--horizon", 2],
-                 ["planner", "iteration", "n_evals", "seconds", "objective"]),
+    "planners": (["--states", 3, "--iters", 8, "--horizon", 2, "--sweep-states", 2,
+                  "--sweep-iters", 3],
+                 ["planner", "setting", "lr", "iteration", "n_evals", "seconds", "objective"]),
     "gap": (["--states", 3, "--max-iters", 20, "--patience", 10, "--eval-samples", 8],
             ["planner", "state", "objective_before", "objective_after", "gap", "iterations"]),
     "iterations": (["--episodes", 1, "--max-steps", 5, "--extra-adam", 3, "--extra-iters", 2],
@@ -68,14 +74,60 @@ def test_bench_writes_csv_and_png(command, smoke):
 def test_planners_table_and_curves(smoke):
     out, folder = smoke("planners")
     assert out.returncode == 0, out.stderr[-3000:]
-    for name in ("iterative", "adam", "cem", "direct"):
-        assert name in out.stdout
-    per_planner = {}
+    for label in ("iterative", "adam (lr 0.01, reference)", "cem (lr 0.9, default)", "direct"):
+        assert label in out.stdout
+    per_run = {}
     for row in read_csv(folder / "bench-planners.csv"):
-        per_planner.setdefault(row["planner"], []).append(int(row["iteration"]))
-    assert per_planner["direct"] == [1]  # a single point
-    for name in ("iterative", "adam", "cem"):
-        assert per_planner[name] == list(range(9))  # λ_0 … λ_8
+        per_run.setdefault((row["planner"], row["setting"]), []).append(int(row["iteration"]))
+    assert sorted(per_run) == [
+        ("adam", "reference"), ("adam", "tuned"), ("cem", "default"), ("cem", "tuned"),
+        ("direct", ""), ("iterative", ""),
+    ]  # fmt: skip
+    assert per_run["direct", ""] == [1]  # a single point
+    for run in per_run.keys() - {("direct", "")}:
+        assert per_run[run] == list(range(9))  # λ_0 … λ_8
+
+
+def test_planners_sweep_picks_one_lr_per_baseline(smoke):
+    out, folder = smoke("planners")
+    assert out.returncode == 0, out.stderr[-3000:]
+    sweep = read_csv(folder / "bench-planners-sweep.csv")
+    assert list(sweep[0]) == ["planner", "lr", "score", "final", "chosen"]
+    for name in ("adam", "cem"):
+        points = [r for r in sweep if r["planner"] == name]
+        assert [float(r["lr"]) for r in points] == list(SWEEP_LRS[name])
+        chosen = [r for r in points if r["chosen"] == "True"]
+        assert len(chosen) == 1
+        assert float(chosen[0]["score"]) == max(float(r["score"]) for r in points)
+        tuned = {r["lr"] for r in read_csv(folder / "bench-planners.csv")
+                 if r["planner"] == name and r["setting"] == "tuned"}  # fmt: skip
+        assert tuned == {chosen[0]["lr"]}
+        assert f"{name} (lr {float(chosen[0]['lr']):g}, tuned)" in out.stdout
+
+
+def test_planners_no_sweep(tmp_path):
+    out = run_cli("bench", "planners", "--states", 2, "--iters", 3, "--horizon", 2,
+                  "--planners", "iterative", "adam", "--adam-lr", 0.05, "--no-sweep",
+                  "--out", tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = {(r["planner"], r["setting"]) for r in read_csv(tmp_path / "bench-planners.csv")}
+    assert runs == {("iterative", ""), ("adam", "fixed")}
+    assert not (tmp_path / "bench-planners-sweep.csv").exists()
+    assert "held-out" not in out.stdout and "tuned" not in out.stdout
+
+
+def test_sweep_score_and_tune_on_analytic_objective():
+    S, A, B = 3, 2, 8
+    q_fn, _ = quadratic_family(S, A)
+    objective = mbplan.make_objective(q_fn, alpha=0.05, state_dim=S, action_dim=A)
+    states = torch.randn(B, S, generator=torch.Generator().manual_seed(0))
+    points = tune(objective, states, "adam", [1e-4, 1e-1, 1e-4], iters=20)
+    assert [p.lr for p in points] == [1e-4, 1e-1]  # duplicates run once
+    assert [p.chosen for p in points] == [False, True]  # a tiny step barely moves
+    curve = Curve(*(torch.arange(3.0) for _ in range(3)), torch.tensor([0.0, 1.0, 3.0]))
+    assert sweep_score(curve) == 2.0  # mean over iterates 1..I, λ_0 excluded
+    curve.objective[1] = -torch.inf  # a non-finite value is the worst, never a good one
+    assert sweep_score(curve) == -float("inf")
 
 
 def test_gap_rows_per_planner_and_state(smoke):
@@ -115,6 +167,8 @@ def test_bench_bad_input(command, bad, tmp_path):
         ("planners", ["--states", 0]),
         ("gap", ["--states", 0]),
         ("planners", ["--planners", "newton"]),
+        ("planners", ["--sweep-states", 0]),
+        ("planners", ["--cem-lrs", 0.5, 1.5]),
         ("gap", ["--planners", "adam"]),
         ("iterations", ["--episodes", 0]),
     ],

@@ -7,6 +7,24 @@ training N); ``direct`` is one network call, a single point. The iterative amort
 the table reports the first iterate at which each other planner reaches it (iterations, objective
 evaluations, seconds) and the ratio to the iterative optimizer's N = 5.
 
+Fair comparison (DESIGN.md §4): the paper compared against Adam and CEM at single settings, so each
+baseline runs twice on the evaluation states, at its fixed setting and at the best step size of a
+sweep, and both are reported:
+
+* fixed: ``--adam-lr`` (default 1e-2, the reference analysis's) and ``--cem-lr`` (default 0.9,
+  mbplan's default; the reference analysis used 0.01). The row's setting names which it is:
+  ``reference`` (the reference analysis's step size), ``default`` (mbplan's) or ``fixed``.
+* tuned: the best of ``--adam-lrs`` (1e-2, 3e-2, 1e-1, 3e-1) and ``--cem-lrs`` (0.01, 0.1, 0.5,
+  0.9), chosen on held-out states: a second on-policy set of ``--sweep-states`` states from
+  episodes reset with seed + :data:`SWEEP_SEED_OFFSET` (the evaluation episodes use seed, seed + 1,
+  …, so the two sets never share an episode); the sweep's sampling noise is seeded the same way.
+  Criterion: the area under the mean-Ĵ curve per iteration over ``--sweep-iters`` iterations,
+  i.e. the mean of mean_B Ĵ(s, λ_k) over k = 1 … I (:func:`sweep_score`). It rewards reaching a
+  high Ĵ early, which is what iterations-to-target measures, penalises a late collapse, and is
+  less noisy than the single final estimate. A non-finite value scores −inf (the worst); ties go
+  to the earlier step size. A tuned step size equal to the fixed one is run once and reported in
+  both rows.
+
 Ĵ per iterate is the planner's own estimate from its trace (:class:`~mbplan.planners.PlanTrace`):
 K fresh samples per state (CEM: its population), averaged over the states. Seconds are the
 planner's cumulative wall-clock time on the whole batch, after a one-iteration warm-up call.
@@ -17,7 +35,9 @@ Shapes: B states · I iterations.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -39,10 +59,21 @@ from mbplan.objective import Objective
 from mbplan.planners import Planner, PlanTrace, make_planner
 
 PLANNER_NAMES = ("iterative", "adam", "cem", "direct")
-COLUMNS = ("planner", "iteration", "n_evals", "seconds", "objective")
+#: Baselines run at a fixed and at a tuned step size.
+TUNED_PLANNERS = ("adam", "cem")
+COLUMNS = ("planner", "setting", "lr", "iteration", "n_evals", "seconds", "objective")
+SWEEP_COLUMNS = ("planner", "lr", "score", "final", "chosen")
 STEM = "bench-planners"
 #: The iterative optimizer's iteration count whose Ĵ is the target (its training N).
 REFERENCE_ITERS = 5
+#: Step sizes of the reference analysis (what the paper compared against).
+REFERENCE_LR = {"adam": 1e-2, "cem": 0.01}
+#: Step sizes swept (DESIGN.md §4).
+SWEEP_LRS = {"adam": (1e-2, 3e-2, 1e-1, 3e-1), "cem": (0.01, 0.1, 0.5, 0.9)}
+#: Held-out states and sweep noise use seed + this (episodes disjoint from the evaluation's).
+SWEEP_SEED_OFFSET = 10_000
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass
@@ -58,8 +89,48 @@ class PlannersOptions(CommonOptions):
         None, "planners to compare (iterative is the reference)", choices=PLANNER_NAMES,
         default_factory=lambda: list(PLANNER_NAMES),
     )  # fmt: skip
-    adam_lr: float = option(1e-2, "Adam step size (reference 1e-2)")
-    cem_lr: float = option(0.9, "CEM smoothing, weight on the new fit (reference analysis 0.01)")
+    adam_lr: float = option(1e-2, "Adam step size of the fixed row (reference 1e-2)")
+    cem_lr: float = option(
+        0.9, "CEM smoothing of the fixed row, weight on the new fit (mbplan's default; "
+        "reference analysis 0.01)",
+    )  # fmt: skip
+    sweep: bool = option(
+        True,
+        "also run adam and cem at the best step size of a sweep on held-out states (default: on)",
+    )
+    sweep_states: int = option(
+        20, f"held-out on-policy states of the sweep (episodes seeded seed + {SWEEP_SEED_OFFSET})"
+    )
+    sweep_iters: int = option(0, "iterations of each sweep run (0 = --iters)")
+    adam_lrs: list[float] = option(
+        None, "Adam step sizes swept", default_factory=lambda: list(SWEEP_LRS["adam"])
+    )
+    cem_lrs: list[float] = option(
+        None, "CEM smoothings swept", default_factory=lambda: list(SWEEP_LRS["cem"])
+    )
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One compared run: a planner at one setting.
+
+    Attributes:
+        planner: Planner name.
+        setting: ``reference``, ``default``, ``fixed`` or ``tuned`` for adam and cem (see the
+            module docstring); empty for iterative and direct.
+        lr: Step size (CEM: smoothing) of adam and cem; None for the others.
+    """
+
+    planner: str
+    setting: str = ""
+    lr: float | None = None
+
+    @property
+    def label(self) -> str:
+        """E.g. ``adam (lr 0.3, tuned)``; the bare name for iterative and direct."""
+        if self.lr is None:
+            return self.planner
+        return f"{self.planner} (lr {self.lr:g}, {self.setting})"
 
 
 @dataclass
@@ -91,6 +162,25 @@ class Reach:
     seconds: float | None
 
 
+@dataclass
+class SweepPoint:
+    """One step size of a sweep, scored on the held-out states.
+
+    Attributes:
+        planner: Planner name.
+        lr: Step size (CEM: smoothing).
+        score: :func:`sweep_score` of its curve (higher is better).
+        final: mean_B Ĵ(s, λ_I) at the sweep's last iterate.
+        chosen: Whether this step size won the sweep.
+    """
+
+    planner: str
+    lr: float
+    score: float
+    final: float
+    chosen: bool = False
+
+
 def curve_of(trace: PlanTrace, single_point: bool = False) -> Curve:
     """The mean-over-states :class:`Curve` of a trace (``single_point``: only λ_I, e.g. direct)."""
     I = trace.n_iters
@@ -108,39 +198,98 @@ def curve_of(trace: PlanTrace, single_point: bool = False) -> Curve:
 def compare_planners(
     objective: Objective,
     states: Tensor,
-    planners: dict[str, Planner],
+    planners: dict[K, Planner],
     iters: int,
     seed: int = 0,
-) -> dict[str, Curve]:
+    warm_up: bool = True,
+) -> dict[K, Curve]:
     """Run every planner from λ_0 on ``states`` [B, S] and record its mean-Ĵ curve.
 
     Each planner gets a fresh generator seeded with ``seed`` (the same noise stream), ``iters``
-    iterations (a ``direct`` planner one network call, recorded as a single point) and a one-
-    iteration warm-up call first, so that the timings do not include first-call overhead.
+    iterations (a ``direct`` planner one network call, recorded as a single point) and, with
+    ``warm_up``, a one-iteration warm-up call first, so that the timings do not include first-call
+    overhead.
 
     Args:
         objective: The frozen Ĵ.
         states: [B, S].
-        planners: name → planner; a name ``direct`` is run once.
-        iters: I for all other planners.
+        planners: Any key (a name, an :class:`Entry`, a step size) → planner.
+        iters: I for all planners but ``direct``.
         seed: Seed of every planner's sampling noise.
+        warm_up: Make the warm-up call (only the timings need it).
+
+    Returns:
+        The same keys → :class:`Curve`.
     """
     curves = {}
-    for name, planner in planners.items():
-        n_iters = 1 if name == "direct" else iters
-        planner.plan(objective, states, n_iters=1, generator=torch.Generator().manual_seed(seed))
+    for key, planner in planners.items():
+        direct = planner.name == "direct"
+        if warm_up:
+            planner.plan(
+                objective, states, n_iters=1, generator=torch.Generator().manual_seed(seed)
+            )
         result = planner.plan(
-            objective, states, n_iters=n_iters, generator=torch.Generator().manual_seed(seed)
-        )
-        curves[name] = curve_of(result.trace, single_point=name == "direct")
+            objective, states, n_iters=1 if direct else iters,
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        curves[key] = curve_of(result.trace, single_point=direct)
     return curves
+
+
+def sweep_score(curve: Curve) -> float:
+    """Area under the mean-Ĵ curve per iteration: mean over k = 1 … I of mean_B Ĵ(s, λ_k).
+
+    Returns −inf (the worst) if any value is not finite, so a NaN never wins a sweep.
+    """
+    values = curve.objective[1:] if curve.objective.numel() > 1 else curve.objective
+    return float(values.mean()) if bool(torch.isfinite(values).all()) else -math.inf
+
+
+def tune(
+    objective: Objective,
+    states: Tensor,
+    name: str,
+    lrs: Sequence[float],
+    iters: int,
+    seed: int = 0,
+) -> list[SweepPoint]:
+    """Run planner ``name`` at every step size on (held-out) ``states`` and pick the best.
+
+    Args:
+        objective: The frozen Ĵ.
+        states: Held-out states [B, S], not the ones the comparison is reported on.
+        name: A planner with an ``lr`` hyperparameter (``adam``, ``cem``).
+        lrs: Step sizes to try (duplicates run once).
+        iters: Iterations per run.
+        seed: Seed of the sampling noise (the same for every step size).
+
+    Returns:
+        One :class:`SweepPoint` per distinct step size, in order; the one with the highest
+        :func:`sweep_score` (the first of ties) has ``chosen`` set.
+    """
+    planners = {lr: make_planner(name, lr=lr) for lr in dict.fromkeys(lrs)}
+    curves = compare_planners(objective, states, planners, iters, seed, warm_up=False)
+    points = [
+        SweepPoint(name, lr, sweep_score(c), float(c.objective[-1])) for lr, c in curves.items()
+    ]
+    max(points, key=lambda p: p.score).chosen = True  # max keeps the first of ties
+    return points
+
+
+def fixed_setting(name: str, lr: float) -> str:
+    """What a fixed step size of ``name`` is: ``reference``, ``default`` (mbplan's) or ``fixed``."""
+    if math.isclose(lr, REFERENCE_LR[name]):
+        return "reference"
+    if math.isclose(lr, make_planner(name).hyperparameters()["lr"]):
+        return "default"
+    return "fixed"
 
 
 def reach(name: str, curve: Curve, target: float, at: int | None = None) -> Reach:
     """The first iterate whose mean Ĵ is at least ``target`` (iterations, evaluations, seconds).
 
     Args:
-        name: Planner name.
+        name: Planner label.
         curve: Its curve.
         target: Ĵ to reach.
         at: Report this iterate instead (the reference: the iterative optimizer's N).
@@ -156,26 +305,34 @@ def reach(name: str, curve: Curve, target: float, at: int | None = None) -> Reac
     return Reach(name, final, best, it, evals, sec)
 
 
-def target_of(curves: dict[str, Curve]) -> tuple[float, int]:
+def target_of(curves: dict[Entry, Curve]) -> tuple[float, int]:
     """(mean Ĵ of the iterative optimizer at N = 5 or its last iterate if fewer, that N)."""
-    curve = curves["iterative"]
+    curve = next(c for e, c in curves.items() if e.planner == "iterative")
     n = min(REFERENCE_ITERS, int(curve.iteration[-1]))
     return float(curve.objective[n]), n
 
 
-def csv_rows(curves: dict[str, Curve]) -> list[dict]:
-    """One row per planner per iterate, with the columns of :data:`COLUMNS`."""
+def csv_rows(curves: dict[Entry, Curve]) -> list[dict]:
+    """One row per compared run per iterate, with the columns of :data:`COLUMNS`."""
     return [
-        {"planner": name, "iteration": int(it), "n_evals": float(ev), "seconds": float(sec),
-         "objective": float(j)}
-        for name, c in curves.items()
+        {"planner": e.planner, "setting": e.setting, "lr": e.lr, "iteration": int(it),
+         "n_evals": float(ev), "seconds": float(sec), "objective": float(j)}
+        for e, c in curves.items()
         for it, ev, sec, j in zip(c.iteration, c.n_evals, c.seconds, c.objective)
     ]  # fmt: skip
 
 
-def plot(curves: dict[str, Curve], target: float, n_ref: int, title: str):
-    """Three panels: mean Ĵ vs iterations, vs objective evaluations, vs seconds (log x)."""
-    fig, axes = new_figure(1, 3, size=(5.0, 4.4))
+def sweep_rows(sweeps: dict[str, list[SweepPoint]]) -> list[dict]:
+    """One row per swept step size, with the columns of :data:`SWEEP_COLUMNS`."""
+    return [vars(p) for points in sweeps.values() for p in points]
+
+
+def plot(curves: dict[Entry, Curve], target: float, n_ref: int, title: str):
+    """Three panels: mean Ĵ vs iterations, vs objective evaluations, vs seconds (log x).
+
+    One colour per planner; tuned baselines are dashed, fixed settings solid.
+    """
+    fig, axes = new_figure(1, 3, size=(5.0, 4.6))
     panels = [
         ("iteration", "iterations (log scale)"),
         ("n_evals", "objective evaluations, K samples per state each (log scale)"),
@@ -184,19 +341,21 @@ def plot(curves: dict[str, Curve], target: float, n_ref: int, title: str):
     colors = {"iterative": "C0", "adam": "C1", "cem": "C2", "direct": "C3"}
     low, high = y_range(curves, target)
     for ax, (field, xlabel) in zip(axes[0], panels):
-        for name, c in curves.items():
+        for e, c in curves.items():
             x, y = getattr(c, field).double(), c.objective.double()
-            if name == "direct":
+            color = colors.get(e.planner)
+            if e.planner == "direct":
                 label = f"direct (1 network call, 0 evaluations): {float(y[-1]):.3g}"
-                ax.axhline(float(y[-1]), color=colors[name], ls="-.", lw=1.2, label=label)
+                ax.axhline(float(y[-1]), color=color, ls="-.", lw=1.2, label=label)
                 if field == "iteration":
-                    ax.plot(x, y, "*", color=colors[name], ms=11)
+                    ax.plot(x, y, "*", color=color, ms=11)
                 continue
             keep = x > 0  # λ_0 (0 iterations, 0 evaluations) has no place on a log axis
-            label = name
+            label = e.label
             if float(y[keep].min()) < low:
                 label += f" (off scale below, down to {float(y[keep].min()):.3g})"
-            ax.plot(x[keep], y[keep], color=colors.get(name), lw=1.5, label=label)
+            ls = "--" if e.setting == "tuned" else "-"
+            ax.plot(x[keep], y[keep], color=color, ls=ls, lw=1.5, label=label)
         ax.axhline(target, color="0.4", ls=":", lw=1.2,
                    label=f"target: iterative at N={n_ref}: {target:.3g}")  # fmt: skip
         ax.set_xscale("log")
@@ -204,12 +363,12 @@ def plot(curves: dict[str, Curve], target: float, n_ref: int, title: str):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("Ĵ(s, λ), mean over states (reward units)")
         ax.grid(alpha=0.3, which="both")
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=5)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=4)
     fig.suptitle(title)
     return fig
 
 
-def y_range(curves: dict[str, Curve], target: float) -> tuple[float, float]:
+def y_range(curves: dict[Entry, Curve], target: float) -> tuple[float, float]:
     """Y limits showing every curve, except that a collapse far below the start is cut off.
 
     The lower limit is at most twice the span (start to best) below the lowest start.
@@ -218,7 +377,8 @@ def y_range(curves: dict[str, Curve], target: float) -> tuple[float, float]:
     values = values[torch.isfinite(values)]
     if values.numel() == 0:
         return -1.0, 1.0
-    start = min([target, *(float(c.objective[0]) for n, c in curves.items() if n != "direct")])
+    starts = [float(c.objective[0]) for e, c in curves.items() if e.planner != "direct"]
+    start = min([target, *(s for s in starts if math.isfinite(s))])
     high = max(float(values.max()), target)
     low = max(float(values.min()), start - 2 * (high - start))
     pad = 0.05 * (high - low or 1.0)
@@ -226,46 +386,96 @@ def y_range(curves: dict[str, Curve], target: float) -> tuple[float, float]:
 
 
 def _ratio(value: float | None, reference: float | None) -> str:
-    if value is None or not reference:
+    """``value / reference`` as text: ``never`` if not reached, ``-`` if undefined."""
+    if value is None:
+        return "never"
+    if not reference:
         return "-"
     return f"{value / reference:.3g}"
 
 
-def run(opts: PlannersOptions) -> None:
-    """Handler of ``mbplan bench planners``: prints the table, writes the CSV and the figure."""
-    from mbplan.cli import format_table
-    from mbplan.planning import planner_for
-
+def _check(opts: PlannersOptions) -> None:
     if opts.states < 1 or opts.iters < 1 or opts.horizon < 1 or opts.samples < 0:
         raise UserError("--states, --iters, --horizon must be >= 1 and --samples >= 0")
     if "iterative" not in opts.planners:
         raise UserError("--planners must include iterative (the reference)")
+    if opts.sweep_states < 1 or opts.sweep_iters < 0:
+        raise UserError("--sweep-states must be >= 1 and --sweep-iters >= 0 (0 = --iters)")
+    if opts.adam_lr <= 0 or not opts.adam_lrs or min(opts.adam_lrs) <= 0:
+        raise UserError("--adam-lr and --adam-lrs (at least one) must be > 0")
+    cem = [opts.cem_lr, *opts.cem_lrs]
+    if not opts.cem_lrs or not all(0 < lr <= 1 for lr in cem):
+        raise UserError("--cem-lr and --cem-lrs (at least one) must be in (0, 1]")
+
+
+def run(opts: PlannersOptions) -> None:
+    """Handler of ``mbplan bench planners``: prints the tables, writes the CSVs and the figure."""
+    from mbplan.cli import format_table
+    from mbplan.planning import planner_for
+
+    _check(opts)
     setup = load(opts)
     objective = objective_for(setup, opts.objective, opts.horizon, opts.samples or None)
-    settings = {"adam": {"lr": opts.adam_lr}, "cem": {"lr": opts.cem_lr}}
-    planners = {
-        name: make_planner(name, **settings[name])
-        if name in settings
-        else planner_for(setup, name, opts.objective)
-        for name in dict.fromkeys(opts.planners)
-    }
-    states = on_policy_states(setup, opts.states, opts.seed)  # (B, S)
-    curves = compare_planners(objective, states, planners, opts.iters, opts.seed)
-    target, n_ref = target_of(curves)
-    reached = {name: reach(name, c, target) for name, c in curves.items()}
-    ref = reached["iterative"] = reach("iterative", curves["iterative"], target, at=n_ref)
-
+    names = list(dict.fromkeys(opts.planners))
+    fixed = {"adam": opts.adam_lr, "cem": opts.cem_lr}
+    grids = {"adam": opts.adam_lrs, "cem": opts.cem_lrs}
     kinds = [k for k in (opts.objective, *setup.optimizers) if k in setup.optimizers]
     fitted = f"fitted on {kinds[0]}" if kinds else "the agent's own"  # as planner_for picks
     horizon = f", H={opts.horizon}" if opts.objective == "model" else ""
+    states = on_policy_states(setup, opts.states, opts.seed)  # (B, S)
     print(
         f"planners on {setup.config['env']}: objective {opts.objective}{horizon}, "
         f"{states.shape[0]} on-policy states, K={objective.n_samples}, budget {opts.iters} "
-        f"iterations, seed {opts.seed}; iterative optimizer: {fitted}"
+        f"iterations, seed {opts.seed}; iterative optimizer: {fitted}",
+        flush=True,
     )
+
+    # Sweep the baselines' step sizes on held-out states
+    sweeps: dict[str, list[SweepPoint]] = {}
+    tuned = [n for n in names if n in TUNED_PLANNERS] if opts.sweep else []
+    if tuned:
+        sweep_seed = opts.seed + SWEEP_SEED_OFFSET
+        sweep_iters = opts.sweep_iters or opts.iters
+        held_out = on_policy_states(setup, opts.sweep_states, sweep_seed)  # (B', S)
+        for name in tuned:
+            sweeps[name] = tune(objective, held_out, name, grids[name], sweep_iters, sweep_seed)
+        print(
+            f"sweep on {held_out.shape[0]} held-out on-policy states (episodes seeded "
+            f"{sweep_seed}+), {sweep_iters} iterations; score = mean Ĵ over iterates "
+            f"1..{sweep_iters} (area under the curve); the best is run on the evaluation states:"
+        )
+        table = [
+            {"planner": p.planner, "lr": f"{p.lr:g}", "score": p.score, "final_J": p.final,
+             "chosen": "*" if p.chosen else ""}
+            for pts in sweeps.values() for p in pts
+        ]  # fmt: skip
+        print(format_table(table), flush=True)
+
+    # Run every planner on the evaluation states
+    planners: dict[Entry, Planner] = {}
+    for name in names:
+        if name not in TUNED_PLANNERS:
+            planners[Entry(name)] = planner_for(setup, name, opts.objective)
+            continue
+        lr = fixed[name]
+        planners[Entry(name, fixed_setting(name, lr), lr)] = make_planner(name, lr=lr)
+        if name in sweeps:
+            lr = next(p.lr for p in sweeps[name] if p.chosen)
+            planners[Entry(name, "tuned", lr)] = make_planner(name, lr=lr)
+    unique = {(e.planner, e.lr): p for e, p in planners.items()}  # a tuned = fixed lr runs once
+    runs = compare_planners(objective, states, unique, opts.iters, opts.seed)
+    curves = {e: runs[e.planner, e.lr] for e in planners}
+    target, n_ref = target_of(curves)
+    reached = {
+        e: reach(e.label, c, target, at=n_ref if e.planner == "iterative" else None)
+        for e, c in curves.items()
+    }
+    ref = next(r for e, r in reached.items() if e.planner == "iterative")
+
     print(
         f"target Ĵ = {target:.4g}, the iterative optimizer's at N={n_ref}; what each planner "
-        "needed to reach it first (ratios to the iterative optimizer's N):"
+        f"needed to reach it first within {opts.iters} iterations (ratios to the iterative "
+        "optimizer's N; never = not within the budget):"
     )
     rows = [
         {"planner": r.planner, "final_J": r.final, "best_J": r.best,
@@ -277,18 +487,22 @@ def run(opts: PlannersOptions) -> None:
     ]  # fmt: skip
     print(format_table(rows))
 
-    csv = write_csv(out_path(opts, STEM, ".csv"), csv_rows(curves), COLUMNS)
+    written = [write_csv(out_path(opts, STEM, ".csv"), csv_rows(curves), COLUMNS)]
+    if sweeps:
+        path = out_path(opts, f"{STEM}-sweep", ".csv")
+        written.append(write_csv(path, sweep_rows(sweeps), SWEEP_COLUMNS))
     title = (
         f"{setup.config['env']}: {opts.objective} objective{horizon}, "
-        f"{states.shape[0]} states, K={objective.n_samples}"
+        f"{states.shape[0]} states, K={objective.n_samples}; dashed: tuned on held-out states"
     )
-    figures = save_figure(plot(curves, target, n_ref, title), opts, STEM)
-    print(f"wrote {csv} and {', '.join(map(str, figures))}")
+    written += save_figure(plot(curves, target, n_ref, title), opts, STEM)
+    print(f"wrote {', '.join(map(str, written))}")
 
 
 COMMAND = (
     "planners",
-    "Ĵ vs iterations, evaluations and seconds: iterative vs adam vs cem vs direct (Fig. 4c)",
+    "Ĵ vs iterations, evaluations and seconds: iterative vs adam vs cem (reference and tuned) "
+    "vs direct (Fig. 4c)",
     PlannersOptions,
     run,
 )

@@ -1,0 +1,83 @@
+"""``mbplan bench value-bias`` and ``mbplan bench modes`` on the bundled default (subprocess)."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.mujoco, pytest.mark.slow]
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_cli(*args, timeout=120):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "osmesa"}
+    return subprocess.run(
+        [sys.executable, "-m", "mbplan.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
+
+
+def ok(out):
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def one_line_error(out):
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in out.stderr, out.stderr
+
+
+def read_csv(path, columns):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == list(columns)
+    assert rows
+    return rows
+
+
+def valid_png(path):
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+
+
+def test_value_bias(tmp_path):
+    out = ok(run_cli("bench", "value-bias", "--out", tmp_path, "--betas", 0, 1, "--episodes", 1,
+                     "--episode-steps", 20, "--min-remaining", 10))  # fmt: skip
+    assert "β=0: bias" in out and "β=1: bias" in out and "overestimation" in out
+    rows = read_csv(tmp_path / "value_bias.csv", ["beta", "state", "t", "q", "mc_return", "bias"])
+    assert {float(r["beta"]) for r in rows} == {0.0, 1.0}
+    assert len(rows) <= 2 * 20
+    for r in rows:
+        assert float(r["bias"]) == pytest.approx(float(r["q"]) - float(r["mc_return"]), abs=1e-6)
+    valid_png(tmp_path / "value_bias.png")
+
+
+def test_value_bias_soft_return():
+    import numpy as np
+
+    from mbplan.bench.value_bias import soft_returns
+
+    r, kl, gamma, alpha = np.array([1.0, 2.0, 3.0]), np.array([0.5, 0.1, 0.2]), 0.9, 0.5
+    g = soft_returns(r, kl, gamma, alpha)
+    # Q(s_t, a_t) = r_t + Σ_k γ^k (r_{t+k} − α KL_{t+k}); the first action pays no KL
+    assert g[2] == pytest.approx(3.0)
+    assert g[1] == pytest.approx(2.0 + 0.9 * (3.0 - 0.5 * 0.2))
+    assert g[0] == pytest.approx(1.0 + 0.9 * (2.0 - 0.05) + 0.81 * (3.0 - 0.1))
+
+
+def test_modes(tmp_path):
+    out = ok(run_cli("bench", "modes", "--out", tmp_path, "--states", 4, "--runs", 3,
+                     "--action-samples", 20, "--state-index", 1))  # fmt: skip
+    assert "mean" in out and "median" in out
+    rows = read_csv(tmp_path / "modes.csv", ["state", "l2_mean_action", "l2_loc"])
+    assert len(rows) == 4 and all(float(r["l2_mean_action"]) >= 0 for r in rows)
+    valid_png(tmp_path / "modes.png")
+
+
+def test_modes_state_index_out_of_range(tmp_path):
+    one_line_error(run_cli("bench", "modes", "--out", tmp_path, "--states", 3, "--state-index", 3))
