@@ -136,7 +136,12 @@ def run_job(job: Job, out: Path, device: str, threads: int, log) -> None:
 
 
 def read_evals(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
+    """Eval rows of a run folder's ``metrics.jsonl`` ([] if it has none)."""
+    return read_evals_file(run / "metrics.jsonl")
+
+
+def read_evals_file(path: Path) -> list[dict]:
+    """Rows with ``eval_return_mean`` of a JSON-lines file ([] if missing)."""
     if not path.is_file():
         return []
     rows = []
@@ -145,6 +150,25 @@ def read_evals(run: Path) -> list[dict]:
         if "eval_return_mean" in rec:
             rows.append(rec)
     return rows
+
+
+def cached_evals(job: Job, out: Path, results: Path) -> list[dict]:
+    """Eval rows of ``job``: from its run folder when present, else from the committed copy.
+
+    Every report copies each run's eval rows to ``results/evals/<job>.jsonl`` (committed), so
+    the table and curves survive the loss of the run folders (which are kept out of git).
+    """
+    cache = results / "evals" / f"{job.name}.jsonl"
+    rows = read_evals(out / job.name)
+    cached = read_evals_file(cache)
+    if rows and len(rows) >= len(cached):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        keep = ("step", "eval_return_mean", "eval_return_std", "train_seconds")
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({k: r[k] for k in keep if k in r}) + "\n" for r in rows))
+        tmp.replace(cache)
+        return rows
+    return cached
 
 
 def report(jobs: list[Job], out: Path, results: Path) -> list[dict]:
@@ -159,7 +183,7 @@ def report(jobs: list[Job], out: Path, results: Path) -> list[dict]:
         groups.setdefault((j.env, j.agent), []).append(j)
     rows, curves = [], {}
     for (env, agent), js in groups.items():
-        evals = {j.seed: read_evals(out / j.name) for j in js}
+        evals = {j.seed: cached_evals(j, out, results) for j in js}
         evals = {s: e for s, e in evals.items() if e}
         if not evals:
             continue
