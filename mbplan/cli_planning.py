@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -215,9 +216,17 @@ def fit_optimizer_cmd(opts: FitOptimizerOptions) -> None:
         objective = model_free_objective(setup, opts.samples)
     states = replay_transitions(run)["states"]
     bar = tqdm(total=opts.steps, unit="step", desc=f"fit {opts.objective}", mininterval=1.0)
+    history: list[list[float]] = []  # [step, mean improvement, mean loss, seconds] every 10 steps
+    window: list[tuple[float, float]] = []
+    start = time.perf_counter()
 
     def on_step(step: int, loss: float, improvement: float) -> None:
         bar.update(1)
+        window.append((improvement, loss))
+        if len(window) == 10 or step + 1 == opts.steps:  # step counts from 0
+            imp, los = (statistics.fmean(col) for col in zip(*window))
+            history.append([step + 1, imp, los, time.perf_counter() - start])
+            window.clear()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss:.3f}", improvement=f"{improvement:.3f}")
 
@@ -231,7 +240,9 @@ def fit_optimizer_cmd(opts: FitOptimizerOptions) -> None:
     tail = improvements[-min(100, len(improvements)) :]
     meta = {"hyperparameters": planner.hyperparameters() | {"n_iters": opts.iters},
             "objective": opts.objective, "fit": asdict(opts),
-            "final_improvement": statistics.fmean(tail)}  # fmt: skip
+            "final_improvement": statistics.fmean(tail),
+            "history_columns": ["step", "improvement", "loss", "seconds"],
+            "history": history}  # fmt: skip
     meta["hyperparameters"].pop("state_dim")
     meta["hyperparameters"].pop("action_dim")
     save_folder(run / "optimizers" / opts.objective, dict(planner.state_dict()), meta)

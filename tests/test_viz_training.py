@@ -83,7 +83,17 @@ def test_training_bad_runs(runs, tmp_path):
     one_line_error(run_cli("viz", "training", "--runs", tmp_path / "missing", "--out", tmp_path))
     (tmp_path / "empty").mkdir()
     one_line_error(run_cli("viz", "training", "--runs", tmp_path / "empty", "--out", tmp_path))
-    one_line_error(run_cli("viz", "training", "--out", tmp_path))  # --runs is required
+
+
+def test_training_default_bundle(tmp_path):
+    """No --runs: the bundled default's training curve and its optimizers' fit curves."""
+    out = ok(run_cli("viz", "training", "--out", tmp_path))
+    rows = read_csv(tmp_path / "training.csv", COLUMNS)
+    assert any(r["kind"] == "eval" for r in rows)
+    fitted = {r["group"] for r in rows if r["kind"] == "improvement"}
+    assert {f"HalfCheetah-v5 fit-optimizer ({o})" for o in ("model", "model-free")} <= fitted
+    assert "fit-optimizer (model)" in out
+    valid_png(tmp_path / "training.png")
 
 
 def test_lambda(tmp_path):

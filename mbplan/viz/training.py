@@ -16,6 +16,7 @@ the curves are drawn against it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -35,9 +36,11 @@ KINDS = ("eval", "improvement")
 class TrainingOptions:
     """Options of ``mbplan viz training``."""
 
-    # "%(default).0s" prints nothing: it keeps argparse from showing "(default: None)".
     runs: list[str] = option(
-        None, "run folders (config.json + metrics.jsonl); required%(default).0s", required=True
+        None,
+        "run folders (config.json + metrics.jsonl), each with the improvement curves of its "
+        "fitted optimizers (RUN/optimizers/*); default: the bundled default's history",
+        default_factory=list,
     )
     x: str = option("steps", "x axis: env steps or training wall-clock seconds",
                     choices=["steps", "seconds"])  # fmt: skip
@@ -107,6 +110,33 @@ def read_run(folder: str | Path) -> RunCurves:
     return RunCurves(group_label(config), str(config.get("env", "?")), series)
 
 
+def read_optimizers(folder: str | Path) -> list[RunCurves]:
+    """Improvement curves of a run's fitted optimizers (``mbplan fit-optimizer`` history).
+
+    Their x axis is the fit step (not env steps): each is its own group,
+    ``"<env> fit-optimizer (<objective>)"``.
+    """
+    run = Path(folder)
+    env = "?"
+    if (run / "config.json").is_file():
+        with contextlib.suppress(ValueError):
+            env = str(json.loads((run / "config.json").read_text()).get("env", "?"))
+    curves = []
+    for meta_path in sorted(run.glob("optimizers/*/meta.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            continue
+        history = meta.get("history")
+        if not history:
+            continue
+        arr = np.array(history, dtype=float)  # (T, 4): step, improvement, loss, seconds
+        series = {"improvement": arr[:, [0, 1, 3]]}
+        group = f"{env} fit-optimizer ({meta.get('objective', meta_path.parent.name)})"
+        curves.append(RunCurves(group, env, series))
+    return curves
+
+
 def aggregate(runs: list[RunCurves]) -> list[dict]:
     """CSV rows: per (kind, group, step) the mean and std over the runs that have that step."""
     by_key: dict[tuple[str, str], dict[float, list[tuple[float, float]]]] = defaultdict(
@@ -146,10 +176,16 @@ def run(opts: TrainingOptions) -> None:
     """Read the runs, write ``training.csv`` and ``training.png``, print the last points."""
     from mbplan.cli import format_table
 
-    runs = [read_run(r) for r in opts.runs]
-    empty = [r for r, c in zip(opts.runs, runs) if not c.series]
-    if len(empty) == len(runs):
-        raise UserError(f"no eval or improvement lines in the metrics of {', '.join(opts.runs)}")
+    folders = list(opts.runs)
+    if not folders:
+        from mbplan.planning import default_bundle
+
+        folders = [str(default_bundle())]
+    runs = [read_run(r) for r in folders]
+    empty = [r for r, c in zip(folders, runs) if not c.series]
+    runs += [c for r in folders for c in read_optimizers(r)]
+    if not any(c.series for c in runs):
+        raise UserError(f"no eval or improvement lines in the metrics of {', '.join(folders)}")
     rows = aggregate(runs)
     if opts.x == "seconds" and not any(r["seconds"] != "" for r in rows):
         raise UserError("no train_seconds in these runs' eval lines: use --x steps")
@@ -204,7 +240,11 @@ def _plot(opts: TrainingOptions, rows: list[dict], runs: list[RunCurves]) -> lis
                 ax.fill_between(x, mean - std, mean + std, color=colors[group], alpha=0.2, lw=0)
             if kind == "improvement":
                 ax.axhline(0.0, color="k", lw=0.8, ls="--")
-            ax.set_xlabel(xlabel)
+            fitted = any("fit-optimizer" in g for g in groups if env_of[g] == env)
+            if kind == "improvement" and fitted and opts.x == "steps":
+                ax.set_xlabel("env steps (training) or fit steps (fit-optimizer)")
+            else:
+                ax.set_xlabel(xlabel)
             ax.set_ylabel("return" if kind == "eval" else "Ĵ(λ_N) − Ĵ(λ_0)")
             ax.set_title(f"{env}: {titles[kind]}\nmean ± std over seeds", fontsize="medium")
             if ax.get_legend_handles_labels()[0]:
