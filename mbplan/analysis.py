@@ -86,7 +86,7 @@ class Trajectory:
 def run_policy(
     setup, n_steps: int, seed: int = 0, stochastic: bool = False, env_id: str | None = None
 ) -> Trajectory:
-    """Run the run's direct policy in the real env for ``n_steps`` steps (new episodes as needed).
+    """Run the direct policy (else the iterative agent) in the real env for ``n_steps`` steps.
 
     Args:
         setup: A loaded planning setup.
@@ -98,8 +98,14 @@ def run_policy(
     from mbplan.envs import make_env
 
     env = make_env(env_id or setup.config["env"], seed=seed)
-    policy = setup.future_policy()
     generator = torch.Generator().manual_seed(seed)
+    try:
+        policy = setup.future_policy()
+    except UserError:  # an iterative run with no direct network: act with the agent itself
+
+        def policy(states: torch.Tensor):
+            return setup.agent.policy(states, generator)
+
     mj = getattr(env.unwrapped, "data", None)
     rec: dict[str, list] = {k: [] for k in ("s", "a", "r", "ep", "t", "sim")}
     episode, (obs, _), t = 0, env.reset(seed=seed), 0
