@@ -1,48 +1,9 @@
 """``mbplan bench value-bias`` and ``mbplan bench modes`` on the bundled default (subprocess)."""
 
-import csv
-import os
-import subprocess
-import sys
-
 import pytest
+from cli_helpers import ok, one_line_error, read_csv, run_cli, valid_png
 
 pytestmark = [pytest.mark.mujoco, pytest.mark.slow]
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def run_cli(*args, timeout=120):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "osmesa"}
-    return subprocess.run(
-        [sys.executable, "-m", "mbplan.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=env,
-    )  # fmt: skip
-
-
-def ok(out):
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
-
-
-def one_line_error(out):
-    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in out.stderr, out.stderr
-
-
-def read_csv(path, columns):
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    assert reader.fieldnames == list(columns)
-    assert rows
-    return rows
-
-
-def valid_png(path):
-    data = path.read_bytes()
-    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
 
 
 def test_value_bias(tmp_path):

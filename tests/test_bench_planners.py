@@ -1,12 +1,8 @@
 """``mbplan bench planners`` (with its step-size sweep), ``gap`` and ``iterations`` (subprocess)."""
 
-import csv
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from cli_helpers import PNG_SIGNATURE, one_line_error, read_csv, run_cli
 from conftest import quadratic_family
 
 import mbplan
@@ -14,7 +10,6 @@ from mbplan.bench.planners import SWEEP_LRS, Curve, sweep_score, tune
 
 pytestmark = [pytest.mark.mujoco, pytest.mark.slow]
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 SMOKE = {
     "planners": (["--states", 3, "--iters", 8, "--horizon", 2, "--sweep-states", 2,
@@ -25,20 +20,6 @@ SMOKE = {
     "iterations": (["--episodes", 1, "--max-steps", 5, "--extra-adam", 3, "--extra-iters", 2],
                    ["contender", "episode", "return"]),
 }  # fmt: skip
-
-
-def run_cli(*args, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "osmesa"}
-    return subprocess.run(
-        [sys.executable, "-m", "mbplan.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=env,
-    )  # fmt: skip
-
-
-def one_line_error(out):
-    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in out.stderr, out.stderr
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +34,6 @@ def smoke(tmp_path_factory):
         return cache[command]
 
     return get
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.parametrize("command", sorted(SMOKE))

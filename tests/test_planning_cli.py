@@ -1,34 +1,12 @@
 """fit-model, eval-model, fit-optimizer and plan on a small trained run (end to end, subprocess)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
+from cli_helpers import ok, one_line_error, run_cli
 from safetensors import safe_open
 
 import mbplan
 
 pytestmark = [pytest.mark.mujoco, pytest.mark.slow]
-
-
-def run_cli(*args, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "osmesa"}
-    return subprocess.run(
-        [sys.executable, "-m", "mbplan.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=env,
-    )  # fmt: skip
-
-
-def ok(out):
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
-
-
-def one_line_error(out):
-    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in out.stderr, out.stderr
 
 
 @pytest.fixture(scope="module")

@@ -2,39 +2,11 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from cli_helpers import ok, one_line_error, run_cli, valid_png
 
 pytestmark = [pytest.mark.mujoco, pytest.mark.slow]
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def run_cli(*args, timeout=120):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "osmesa"}
-    return subprocess.run(
-        [sys.executable, "-m", "mbplan.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=env,
-    )  # fmt: skip
-
-
-def ok(out):
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
-
-
-def one_line_error(out):
-    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in out.stderr, out.stderr
-
-
-def assert_png(path):
-    data = path.read_bytes()
-    assert data[:8] == PNG_SIGNATURE and len(data) > 10_000
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +31,7 @@ def test_viz_plan_live(tmp_path):
     assert len(data["states_mean"][0]) == 3 and len(data["rewards_mean"][0]) == 2  # H + 1, H
     assert len(data["real"]["states"]) == 3 and len(data["real"]["rewards"]) == 2
     assert len(data["dims"]) == 2
-    assert_png(tmp_path / "viz-plan.png")
+    valid_png(tmp_path / "viz-plan.png")
 
 
 def test_viz_plan_from_file(plans_file, tmp_path):
@@ -71,7 +43,7 @@ def test_viz_plan_from_file(plans_file, tmp_path):
     assert len(data["objective"]) == len(data["states_mean"]) >= 2  # I + 1
     assert len(data["real"]["states"]) == 2  # steps 1 and 2 of a 3-step episode
     assert data["real"]["rewards"] is None
-    assert_png(tmp_path / "f.png")
+    valid_png(tmp_path / "f.png")
 
 
 @pytest.mark.parametrize("objective", ["model-free", "model"])
@@ -83,7 +55,7 @@ def test_viz_surface(tmp_path, objective):
         rows = list(csv.DictReader(f))
     assert len(rows) == 25 and list(rows[0]) == ["mu_x", "mu_y", "objective"]
     assert all(float(r["objective"]) > -1e30 for r in rows)
-    assert_png(tmp_path / "viz-surface.png")
+    valid_png(tmp_path / "viz-surface.png")
 
 
 def test_viz_video(tmp_path):
