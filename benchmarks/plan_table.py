@@ -74,6 +74,13 @@ def main() -> None:
         default=100,
         help="steps per episode of the 50-iteration cells (seconds per action on a CPU)",
     )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        help="compute only the cells of these planners (iterative adam cem direct transfer); "
+        "the table still lists every finished cell",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/plan_table")
@@ -91,6 +98,8 @@ def main() -> None:
         path = out / "cells" / f"{label.replace(' ', '_').replace(',', '')}-H{H}.json"
         if path.exists():
             row = json.loads(path.read_text())
+        elif args.only is not None and name not in args.only:
+            continue
         else:
             if name == "transfer":
                 if "model-free" not in setup.optimizers:
