@@ -69,7 +69,7 @@ class PlanOptions:
     env: str = option("", "env id (default: the run's)")
     episodes: int = option(1, "episodes")
     iters: int = option(0, "planner iterations per action (0 = planner default: iterative 5)")
-    samples: int = option(0, "samples K per state (0 = the run's)")
+    samples: int = option(0, "samples K per state (0 = 10)")
     seed: int = option(0, "seed of resets and sampling")
     max_steps: int = option(0, "cap on steps per episode (0 = the env's time limit)")
     warm_start: bool = option(False, "start each plan from the previous step's λ")
@@ -338,7 +338,7 @@ class TransferOptions:
     horizon: int = option(2, "model rollout horizon H")
     episodes: int = option(3, "episodes per policy (same seeds for all)")
     max_steps: int = option(0, "cap on steps per episode (0 = the env's time limit)")
-    samples: int = option(0, "samples K per state (0 = the run's)")
+    samples: int = option(0, "samples K per state (0 = 10)")
     seed: int = option(0, "seed of resets and sampling")
     threads: int = option(0, "torch CPU threads (0 = one per core)")
 

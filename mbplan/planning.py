@@ -187,11 +187,15 @@ def _load_prefixed(module: torch.nn.Module, tensors: dict[str, torch.Tensor], pr
 # -- objectives ------------------------------------------------------------------------------------
 
 
+#: Samples K per state of the planning objectives unless a command says otherwise (DESIGN §2). Not
+#: the run's own K: an agent trained with SAC's K = 1 would otherwise plan on one-sample estimates.
+PLAN_SAMPLES = 10
+
+
 def model_free_objective(setup: Setup, samples: int | None = None) -> Objective:
-    """Ĵ on the run's pessimistic target critics (its training objective)."""
+    """Ĵ on the run's pessimistic target critics (its training objective), K = ``samples``."""
     objective = setup.agent.objective()
-    if samples is not None:
-        objective.n_samples = samples
+    objective.n_samples = samples or PLAN_SAMPLES
     return objective
 
 
@@ -209,7 +213,7 @@ def model_objective(
         beta=cfg.beta, gamma=cfg.gamma, lam=lam, alpha=setup.agent.alpha,
     )  # fmt: skip
     objective = make_objective(
-        value, alpha=setup.agent.alpha, n_samples=samples or cfg.n_samples,
+        value, alpha=setup.agent.alpha, n_samples=samples or PLAN_SAMPLES,
         state_dim=setup.state_dim, action_dim=setup.action_dim,
     )  # fmt: skip
     return objective, value

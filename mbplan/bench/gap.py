@@ -6,7 +6,7 @@ further by gradient ascent on (μ, log σ) until Ĵ stops improving; the gap of 
 
 How it is measured:
 
-* Refinement: each step takes a gradient of Ĵ with K fresh samples per state (the run's K, as in
+* Refinement: each step takes a gradient of Ĵ with K fresh samples per state (K = 10 as in
   the reference). Every 10 steps Ĵ is measured on a fixed validation draw (``eval_samples``
   samples, the same noise each time, so a deterministic function of λ); each state stops on its
   own once that value has not risen by more than ``tol`` within ``patience`` steps (or at

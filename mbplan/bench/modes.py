@@ -48,7 +48,7 @@ class ModesOptions(CommonOptions):
     dims: list[int] = option(None, "two action dims to draw", default_factory=lambda: [0, 1])
     action_samples: int = option(200, "action samples drawn per run at --state-index")
     iters: int = option(0, "optimizer iterations (0 = its own N)")
-    samples: int = option(0, "samples K per state in Ĵ (0 = the run's)")
+    samples: int = option(0, "samples K per state in Ĵ (0 = 10)")
     horizon: int = option(2, "model rollout horizon H (--objective model)")
 
 

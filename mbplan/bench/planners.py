@@ -84,7 +84,7 @@ class PlannersOptions(CommonOptions):
     horizon: int = option(5, "model rollout horizon H (with --objective model)")
     states: int = option(100, "on-policy states (the run's direct policy in the real env)")
     iters: int = option(250, "iteration budget of iterative, adam and cem (direct: 1 call)")
-    samples: int = option(0, "samples K per state per objective evaluation (0 = the run's)")
+    samples: int = option(0, "samples K per state per objective evaluation (0 = 10)")
     planners: list[str] = option(
         None, "planners to compare (iterative is the reference)", choices=PLANNER_NAMES,
         default_factory=lambda: list(PLANNER_NAMES),

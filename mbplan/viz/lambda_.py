@@ -50,7 +50,7 @@ class LambdaOptions(CommonOptions):
     eval_samples: int = option(
         100, "samples M to re-evaluate Ĵ at every iterate (0 = the planner's own trace)"
     )
-    samples: int = option(0, "samples K per state in Ĵ while planning (0 = the run's)")
+    samples: int = option(0, "samples K per state in Ĵ while planning (0 = 10)")
     horizon: int = option(2, "model rollout horizon H (--objective model)")
 
 

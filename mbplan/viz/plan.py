@@ -40,7 +40,7 @@ class PlanVizOptions(CommonOptions):
     planner: str = option("iterative", "live: planner", choices=tuple(PLANNERS))
     horizon: int = option(5, "live: model rollout horizon H")
     iters: int = option(0, "live: planner iterations (0 = the planner's default)")
-    samples: int = option(0, "live: samples K per state (0 = the run's)")
+    samples: int = option(0, "live: samples K per state (0 = 10)")
     dims: list[int] = option(
         None, "state dims to plot (default: the two the plan changes most)", default_factory=list
     )

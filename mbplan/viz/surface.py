@@ -56,7 +56,7 @@ class SurfaceOptions(CommonOptions):
     grid: int = option(41, "grid points per axis")
     span: float = option(3.0, "grid covers ±span of the pre-tanh means (widened to fit markers)")
     horizon: int = option(5, "rollout horizon H of the model objective")
-    samples: int = option(0, "samples K per grid point (0 = the run's)")
+    samples: int = option(0, "samples K per grid point (0 = 10)")
     iters: int = option(0, "iterations of the iterative optimizer (0 = its default)")
     batch: int = option(512, "grid points per objective call")
     stem: str = option("viz-surface", "file name stem of the outputs")

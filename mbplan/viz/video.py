@@ -41,7 +41,7 @@ class VideoOptions(CommonOptions):
     horizon: int = option(5, "model rollout horizon H")
     max_steps: int = option(200, "steps of the episode")
     iters: int = option(0, "planner iterations per action (0 = the planner's default)")
-    samples: int = option(0, "samples K per state (0 = the run's)")
+    samples: int = option(0, "samples K per state (0 = 10)")
     stem: str = option("viz-video", "file name stem of the MP4 and the JSON")
 
 
