@@ -49,3 +49,14 @@ def test_transfer_runs_on_the_default():
 def test_default_refuses_an_env_of_other_sizes():
     out = run_cli("plan", "--env", "Hopper-v5", "--max-steps", 2)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_planning_objectives_use_ten_samples_not_the_runs_k():
+    """The default was trained with SAC's K = 1; planning must not inherit one-sample estimates."""
+    from mbplan.planning import PLAN_SAMPLES, model_free_objective, model_objective
+
+    setup = load_setup(default_bundle())
+    assert setup.agent.config.n_samples == 1 and PLAN_SAMPLES == 10
+    assert model_free_objective(setup).n_samples == 10
+    assert model_objective(setup, 2)[0].n_samples == 10
+    assert model_objective(setup, 2, samples=3)[0].n_samples == 3
