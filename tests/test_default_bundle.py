@@ -1,23 +1,12 @@
 """The bundled default checkpoint: shipped in the package, small, and every planner runs on it."""
 
-import os
-import subprocess
-import sys
-
 import pytest
+from cli_helpers import run_cli
 
 import mbplan
 from mbplan.planning import default_bundle, load_setup
 
 pytestmark = [pytest.mark.mujoco, pytest.mark.slow]
-
-
-def run_cli(*args, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "osmesa"}
-    return subprocess.run(
-        [sys.executable, "-m", "mbplan.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=env,
-    )  # fmt: skip
 
 
 def test_bundle_is_complete_and_small():
