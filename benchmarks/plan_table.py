@@ -8,10 +8,10 @@ be killed and rerun; finished cells are skipped. Writes ``plan_table.csv`` and `
     python benchmarks/plan_table.py --checkpoint RUN --episodes 3 --max-steps 1000
 
 Cells: iterative (its own N), adam 5 and 50, cem 5 and 50 iterations, direct; each at H = 1, 2, 5
-(the 50-iteration cells cost seconds per action here, so their episodes are cut at
-``--heavy-max-steps``, default 100; the table states episodes × steps per cell);
-then the zero-shot transfer rows (iterative optimizer fitted on the model-free objective, planning
-against Ĵ_MB at H = 5).
+and from two starts (see CONTENDERS; the 50-iteration cells cost seconds per action here, so their
+episodes are cut at ``--heavy-max-steps``, default 100; the table states episodes × steps per
+cell); then the zero-shot transfer rows (iterative optimizer fitted on the model-free objective,
+planning against Ĵ_MB at H = 5).
 """
 
 from __future__ import annotations
@@ -30,30 +30,43 @@ from mbplan.envs import make_env
 from mbplan.perf import tune_malloc
 from mbplan.planning import load_setup, model_objective, planner_for, run_mpc
 
-#: (label, planner, iterations; None = the planner's default)
+#: (label, planner, iterations (None = the planner's default), where each plan starts: ``prior`` =
+#: the planner's fixed λ_0, ``previous`` = the previous step's λ (the usual MPC warm start; from the
+#: fixed λ_0 = (μ 0, σ 0.5), 5 Adam steps barely move the mean and the cheetah stands still),
+#: ``policy`` = the direct policy's λ = f(s), which the planner refines; ``mbplan plan``'s default)
 CONTENDERS = [
-    ("iterative", "iterative", None),
-    ("adam 5 (warm)", "adam", 5),
-    ("adam 50 (warm)", "adam", 50),
-    ("cem 5 (warm)", "cem", 5),
-    ("cem 50 (warm)", "cem", 50),
-    ("direct", "direct", None),
+    ("iterative", "iterative", None, "prior"),
+    ("iterative (from policy)", "iterative", None, "policy"),
+    ("adam 5 (warm)", "adam", 5, "previous"),
+    ("adam 5 (from policy)", "adam", 5, "policy"),
+    ("adam 50 (warm)", "adam", 50, "previous"),
+    ("adam 50 (from policy)", "adam", 50, "policy"),
+    ("cem 5 (warm)", "cem", 5, "previous"),
+    ("cem 5 (from policy)", "cem", 5, "policy"),
+    ("cem 50 (warm)", "cem", 50, "previous"),
+    ("cem 50 (from policy)", "cem", 50, "policy"),
+    ("direct", "direct", None, "prior"),
 ]
-#: Planners that start each plan from the previous step's λ (the usual MPC warm start; from the
-#: fixed λ_0 = (μ 0, σ 0.5), 5 Adam steps barely move the mean and the cheetah stands still).
-WARM = {"adam", "cem"}
+#: The zero-shot transfer rows: the optimizer fitted on the model-free objective, on Ĵ_MB.
+TRANSFER = [
+    ("iterative (model-free, zero-shot)", "transfer", None, "prior"),
+    ("iterative (model-free, zero-shot, from policy)", "transfer", None, "policy"),
+]
 
 
-def run_cell(setup, planner, horizon: int, iters: int | None, max_steps: int, args) -> dict:
+def run_cell(
+    setup, planner, horizon: int, iters: int | None, init: str, max_steps: int, args
+) -> dict:
     """Return mean ± std, ms/action and Ĵ improvement of one planner at one horizon."""
     objective, _ = model_objective(setup, horizon)
     env = make_env(setup.config["env"], seed=args.seed)
     start = time.perf_counter()
     stats = run_mpc(setup, env, planner, objective, args.episodes, iters, args.seed,
-                    max_steps=max_steps or None, warm_start=planner.name in WARM)  # fmt: skip
+                    max_steps=max_steps or None, init=init)  # fmt: skip
     return {
         "horizon": horizon,
         "iters": iters if iters is not None else planner.default_iters,
+        "init": init,
         "episodes": len(stats.returns),
         "steps_per_episode": max_steps or 1000,
         "return_mean": statistics.fmean(stats.returns),
@@ -94,13 +107,13 @@ def main() -> None:
     out = Path(args.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
 
-    cells = [(label, name, it, H) for H in args.horizons for label, name, it in CONTENDERS]
-    cells += [("iterative (model-free, zero-shot)", "transfer", None, max(args.horizons))]
+    cells = [(*c, H) for H in args.horizons for c in CONTENDERS]
+    cells += [(*c, max(args.horizons)) for c in TRANSFER]
     rows = []
-    for label, name, iters, H in cells:
+    for label, name, iters, init, H in cells:
         path = out / "cells" / f"{label.replace(' ', '_').replace(',', '')}-H{H}.json"
         if path.exists():
-            row = json.loads(path.read_text())
+            row = {"init": init, **json.loads(path.read_text())}
         elif args.only is not None and name not in args.only:
             continue
         else:
@@ -111,7 +124,7 @@ def main() -> None:
             else:
                 planner = planner_for(setup, name, "model")
             steps = args.heavy_max_steps if (iters or 0) >= 50 else args.max_steps
-            row = {"planner": label, **run_cell(setup, planner, H, iters, steps, args)}
+            row = {"planner": label, **run_cell(setup, planner, H, iters, init, steps, args)}
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(row, indent=1))
             tmp.replace(path)
@@ -120,19 +133,19 @@ def main() -> None:
               f"{row['ms_per_action']:8.1f} ms/action  ΔĴ {row['improvement']:7.3f}",
               flush=True)  # fmt: skip
 
-    fields = ["planner", "horizon", "iters", "episodes", "steps_per_episode", "return_mean",
+    fields = ["planner", "init", "horizon", "iters", "episodes", "steps_per_episode", "return_mean",
               "return_std", "ms_per_action", "improvement", "wall_seconds"]  # fmt: skip
     with open(out / "plan_table.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     lines = [
-        "| planner | iters | H | episodes × steps | return (mean ± std) | ms/action "
+        "| planner | start | iters | H | episodes × steps | return (mean ± std) | ms/action "
         "| Ĵ(λ_I) − Ĵ(λ_0) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['planner']} | {r['iters']} | {r['horizon']} | "
+        lines.append(f"| {r['planner']} | {r['init']} | {r['iters']} | {r['horizon']} | "
                      f"{r['episodes']} × {r['steps_per_episode']} | "
                      f"{r['return_mean']:.1f} ± {r['return_std']:.1f} | "
                      f"{r['ms_per_action']:.1f} | {r['improvement']:.3f} |")  # fmt: skip

@@ -52,7 +52,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         kwargs: dict[str, Any] = {"type": tp, "default": default, "help": help_text, **meta}
         if is_list:
             kwargs["nargs"] = "+"
-        shown = not meta.get("required") and default is not None and default != []
+        shown = not meta.get("required") and default is not None and default not in ([], "")
         if "%(default)" not in help_text and shown:
             kwargs["help"] = f"{help_text} (default: %(default)s)"
         parser.add_argument(flag, **kwargs)

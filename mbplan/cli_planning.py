@@ -13,6 +13,14 @@ import torch
 from mbplan.cli_args import option
 from mbplan.errors import UserError
 from mbplan.planners import PLANNERS
+from mbplan.planning import PLAN_INITS
+
+#: Where ``mbplan plan`` starts each plan by default: the amortized policy's proposal, refined.
+DEFAULT_INIT = "policy"
+INIT_HELP = (
+    "where each plan starts: policy = the run's direct policy λ = f(s) (the planner refines it), "
+    "prior = the planner's fixed λ_0, previous = the previous step's λ"
+)
 
 
 @dataclass
@@ -72,7 +80,7 @@ class PlanOptions:
     samples: int = option(0, "samples K per state (0 = 10)")
     seed: int = option(0, "seed of resets and sampling")
     max_steps: int = option(0, "cap on steps per episode (0 = the env's time limit)")
-    warm_start: bool = option(False, "start each plan from the previous step's λ")
+    init: str = option(DEFAULT_INIT, INIT_HELP, choices=PLAN_INITS)
     stochastic: bool = option(False, "act with a sample instead of tanh(μ)")
     video: str = option("", "write the first episode as an MP4 here")
     save_plans: str = option("", "write every step's plans (safetensors) here")
@@ -281,7 +289,7 @@ def plan_cmd(opts: PlanOptions) -> None:
     try:
         stats = run_mpc(
             setup, env, planner, objective, opts.episodes, opts.iters or None, opts.seed,
-            warm_start=opts.warm_start, stochastic=opts.stochastic,
+            init=opts.init, stochastic=opts.stochastic,
             max_steps=opts.max_steps or None, on_step=lambda ep, t: bar.update(1),
             plans=plans, frames=frames,
         )  # fmt: skip
@@ -340,6 +348,7 @@ class TransferOptions:
     max_steps: int = option(0, "cap on steps per episode (0 = the env's time limit)")
     samples: int = option(0, "samples K per state (0 = 10)")
     seed: int = option(0, "seed of resets and sampling")
+    init: str = option(DEFAULT_INIT, INIT_HELP, choices=PLAN_INITS)
     threads: int = option(0, "torch CPU threads (0 = one per core)")
 
 
@@ -377,7 +386,7 @@ def transfer_cmd(opts: TransferOptions) -> None:
     )
     for name, planner in contenders.items():
         stats = run_mpc(setup, env, planner, objective, opts.episodes, None, opts.seed,
-                        max_steps=opts.max_steps or None)  # fmt: skip
+                        init=opts.init, max_steps=opts.max_steps or None)  # fmt: skip
         mean = statistics.fmean(stats.returns)
         std = statistics.pstdev(stats.returns) if len(stats.returns) > 1 else 0.0
         print(f"{name:36s} return {mean:9.1f} ± {std:7.1f}  {stats.ms_per_action:7.1f} ms/action  "

@@ -190,6 +190,8 @@ def _load_prefixed(module: torch.nn.Module, tensors: dict[str, torch.Tensor], pr
 #: Samples K per state of the planning objectives unless a command says otherwise (DESIGN §2). Not
 #: the run's own K: an agent trained with SAC's K = 1 would otherwise plan on one-sample estimates.
 PLAN_SAMPLES = 10
+#: Where :func:`run_mpc` starts each plan (see its ``init``).
+PLAN_INITS = ("prior", "previous", "policy")
 
 
 def model_free_objective(setup: Setup, samples: int | None = None) -> Objective:
@@ -260,7 +262,7 @@ def run_mpc(
     episodes: int,
     iters: int | None,
     seed: int,
-    warm_start: bool = False,
+    init: str = "prior",
     stochastic: bool = False,
     max_steps: int | None = None,
     on_step=None,
@@ -277,7 +279,9 @@ def run_mpc(
         episodes: Episodes to run.
         iters: Planner iterations per action (None: the planner's default).
         seed: Seeds resets and sampling noise.
-        warm_start: Start each plan from the previous step's λ instead of λ_0.
+        init: Where each plan starts (:data:`PLAN_INITS`): ``prior`` the planner's λ_0,
+            ``previous`` the previous step's λ (λ_0 at an episode's first step), ``policy`` the
+            run's amortized direct policy λ = f(s) (the planner then refines the policy's proposal).
         stochastic: Act with a sample instead of tanh(μ).
         max_steps: Cap on steps per episode.
         on_step: Called after every env step with (episode, step).
@@ -286,7 +290,10 @@ def run_mpc(
             iteration, then the final record-keeping evaluation(s).
         frames: If a list, receives rendered frames of the first episode.
     """
+    if init not in PLAN_INITS:
+        raise UserError(f"unknown plan start {init!r}; choose from {', '.join(PLAN_INITS)}")
     generator = torch.Generator().manual_seed(seed)
+    policy = setup.future_policy() if init == "policy" else None
     value = objective.q_fn if isinstance(objective.q_fn, ModelValue) else None
     returns, times, improvements = [], [], []
     for ep in range(episodes):
@@ -300,8 +307,11 @@ def run_mpc(
             if value is not None and plans is not None:
                 value.record = []
             start = time.perf_counter()
+            if policy is not None:
+                with torch.no_grad():
+                    prev = policy(state).detach()  # λ = f(s), [1, A] each
             result = planner.plan(
-                objective, state, init=prev if warm_start else None, n_iters=iters,
+                objective, state, init=prev, n_iters=iters,
                 generator=generator, record_objective=False,
             )  # fmt: skip
             dist = result.dist
@@ -326,7 +336,7 @@ def run_mpc(
                 })  # fmt: skip
             if frames is not None and ep == 0:
                 frames.append(render_frame(env))
-            prev = TanhNormal(dist.loc, dist.log_scale) if warm_start else None
+            prev = TanhNormal(dist.loc, dist.log_scale) if init == "previous" else None
             obs, reward, terminated, truncated, _ = env.step(action)
             total += float(reward)
             t += 1

@@ -49,3 +49,32 @@ def test_planning_objectives_use_ten_samples_not_the_runs_k():
     assert model_free_objective(setup).n_samples == 10
     assert model_objective(setup, 2)[0].n_samples == 10
     assert model_objective(setup, 2, samples=3)[0].n_samples == 3
+
+
+def test_plan_starts_where_init_says():
+    """policy: λ_0 = f(s) of the direct policy; previous: λ_0 = the last step's λ; prior: fixed."""
+    import torch
+
+    from mbplan.envs import make_env
+    from mbplan.errors import UserError
+    from mbplan.planning import model_objective, planner_for, run_mpc
+
+    setup = load_setup(default_bundle())
+    objective, _ = model_objective(setup, 1, samples=2)
+    adam, policy = planner_for(setup, "adam", "model"), setup.future_policy()
+    env = make_env("HalfCheetah-v5")
+    starts = {}
+    for init in ("prior", "previous", "policy"):
+        plans: list = []
+        run_mpc(setup, env, adam, objective, 1, 2, seed=0, init=init, max_steps=2, plans=plans)
+        starts[init] = plans
+    second = starts["policy"][1]
+    with torch.no_grad():
+        proposal = policy(second["state"][None])
+    assert torch.equal(second["trace"].loc[0], proposal.loc)
+    assert torch.equal(second["trace"].log_scale[0], proposal.log_scale)
+    prev = starts["previous"]
+    assert torch.equal(prev[1]["trace"].loc[0], prev[0]["trace"].loc[-1])
+    assert torch.count_nonzero(starts["prior"][1]["trace"].loc[0]) == 0
+    with pytest.raises(UserError, match="unknown plan start"):
+        run_mpc(setup, env, adam, objective, 1, 2, seed=0, init="elsewhere", max_steps=1)

@@ -26,8 +26,10 @@ import numpy as np
 
 from mbplan.analysis import CommonOptions, load, out_path, write_json
 from mbplan.cli_args import option
+from mbplan.cli_planning import DEFAULT_INIT, INIT_HELP
 from mbplan.errors import UserError
 from mbplan.planners import PLANNERS
+from mbplan.planning import PLAN_INITS
 
 #: Frames per second at most (envs with a small dt play slower than real time).
 MAX_FPS = 60
@@ -42,6 +44,7 @@ class VideoOptions(CommonOptions):
     max_steps: int = option(200, "steps of the episode")
     iters: int = option(0, "planner iterations per action (0 = the planner's default)")
     samples: int = option(0, "samples K per state (0 = 10)")
+    init: str = option(DEFAULT_INIT, INIT_HELP, choices=PLAN_INITS)
     stem: str = option("viz-video", "file name stem of the MP4 and the JSON")
 
 
@@ -191,7 +194,7 @@ def run(opts: VideoOptions) -> None:
         rec = _Recorder(env)
         plans: list[dict] = []
         real_frames: list[np.ndarray] = []
-        run_mpc(setup, rec, planner, objective, 1, opts.iters or None, opts.seed,
+        run_mpc(setup, rec, planner, objective, 1, opts.iters or None, opts.seed, init=opts.init,
                 max_steps=opts.max_steps, plans=plans, frames=real_frames)  # fmt: skip
         env.reset(seed=opts.seed)  # back to the first state, to check the pose layout on it
         layout = pose_layout(env, rec.obs[0])
