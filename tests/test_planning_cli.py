@@ -65,6 +65,7 @@ def test_plan_saves_plans(run_with_model, tmp_path):
     "args",
     [
         ["--planner", "newton"],
+        ["--init", "nowhere"],
         ["--horizon", "0"],
         ["--iters", "-1"],
         ["--env", "HalfCheetah-v5"],
