@@ -2,7 +2,9 @@
 
 Random-weight twin critic, dynamics, reward and direct future policy (the cost does not depend on
 the weights). Prints ms per action for each planner at the given horizon, and where the time goes
-for the iterative optimizer (objective evaluations with gradient vs the optimizer network).
+for the iterative optimizer: objective evaluations with gradient vs the optimizer network, each
+network of one rollout step (forward + input gradient on K rows), and the matrix products alone
+(the floor an implementation that removed every other op would still pay).
 
     python benchmarks/plan_latency.py --horizon 5 --iters 5 --samples 10
 """
@@ -65,6 +67,54 @@ def main() -> None:
         t_net = median_seconds(lambda: it.propose(state, dist, gl, gs), args.repeats)
     print(f"iterative: Ĵ_MB + gradient {1e3 * t_eval:.2f} ms, "
           f"optimizer network {1e3 * t_net:.2f} ms per iteration")  # fmt: skip
+    breakdown(nets, policy, args)
+
+
+def breakdown(nets, policy, args) -> None:
+    """Per rollout step: each network's forward + input gradient on K rows; then GEMMs alone."""
+    dynamics, reward, critic = nets
+    K, S, A = args.samples, 17, 6
+    s0, a0 = torch.randn(K, S), torch.randn(K, A)
+
+    def fwd_bwd(fn):
+        def run():
+            s, a = s0.clone().requires_grad_(), a0.clone().requires_grad_()
+            torch.autograd.grad(fn(s, a).sum(), [s, a])
+
+        return run
+
+    parts = {
+        "future policy + sample": lambda s, a: policy(s).rsample_log_prob(1)[2] + a.sum(),
+        "dynamics": dynamics,
+        "reward": reward,
+        "critics + pessimism": lambda s, a: mbplan.pessimistic(critic(s, a), 1.0),
+    }
+    total = 0.0
+    for name, fn in parts.items():
+        t = median_seconds(fwd_bwd(fn), args.repeats)
+        total += t
+        print(f"  per rollout step, {name:24s} {1e3 * t:6.2f} ms (forward + gradient, {K} rows)")
+    print(f"  one rollout step {1e3 * total:.2f} ms × H = {args.horizon}: "
+          f"{1e3 * total * args.horizon:.1f} ms per evaluation")  # fmt: skip
+
+    # The matrix products of one evaluation alone: forward of every linear layer at every step,
+    # and one input-gradient product per layer (weights are frozen: no weight gradients)
+    linears = [m for net in (policy.net, dynamics.net, reward.net) for m in net
+               if isinstance(m, torch.nn.Linear)]  # fmt: skip
+    shapes = [(m.in_features, m.out_features, 1) for m in linears]
+    shapes += [(layer.weight.shape[1], layer.weight.shape[2], critic.n_members)
+               for layer in [*critic.hidden, critic.head]]  # fmt: skip
+    mats = [(torch.randn(E, K, i), torch.randn(E, i, o), torch.randn(E, K, o), torch.randn(E, o, i))
+            for i, o, E in shapes]  # fmt: skip
+
+    def gemms():
+        for x, w, g, wt in mats:
+            torch.bmm(x, w)
+            torch.bmm(g, wt)
+
+    t = median_seconds(gemms, args.repeats) * args.horizon
+    print(f"  matrix products alone ({2 * len(mats) * args.horizon} per evaluation): "
+          f"{1e3 * t:.2f} ms per evaluation, {1e3 * t * args.iters:.1f} ms per action")  # fmt: skip
 
 
 if __name__ == "__main__":
