@@ -119,5 +119,7 @@ def pessimistic(q_ensemble: Tensor, beta: float) -> Tensor:
         q_ensemble: [E, ...] values of the E critics.
         beta: Pessimism β (β = 1 with E = 2 is already more pessimistic than the minimum).
     """
-    var, mean = torch.var_mean(q_ensemble, dim=0)  # unbiased; one kernel instead of five
-    return torch.sub(mean, (var + 1e-6).sqrt(), alpha=beta)
+    E = q_ensemble.shape[0]
+    mean = q_ensemble.mean(0)
+    var = (q_ensemble - mean).square().sum(0) / (E - 1)  # unbiased
+    return mean - beta * (var + 1e-6).sqrt()
