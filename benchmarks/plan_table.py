@@ -33,28 +33,26 @@ from mbplan.planning import load_setup, model_objective, planner_for, run_mpc
 #: (label, planner, iterations (None = the planner's default), where each plan starts: ``prior`` =
 #: the planner's fixed λ_0, ``previous`` = the previous step's λ (the usual MPC warm start; from the
 #: fixed λ_0 = (μ 0, σ 0.5), 5 Adam steps barely move the mean and the cheetah stands still),
-#: ``policy`` = the direct policy's λ = f(s), which the planner refines; ``mbplan plan``'s default)
+#: ``policy`` = the direct policy's λ = f(s), which the planner refines; ``mbplan plan``'s default;
+#: short: episodes cut at --heavy-max-steps)
 CONTENDERS = [
-    ("iterative", "iterative", None, "prior"),
-    ("iterative (from policy)", "iterative", None, "policy"),
-    ("adam 5 (warm)", "adam", 5, "previous"),
-    ("adam 5 (from policy)", "adam", 5, "policy"),
-    ("adam 50 (warm)", "adam", 50, "previous"),
-    ("adam 50 (from policy)", "adam", 50, "policy"),
-    ("cem 5 (warm)", "cem", 5, "previous"),
-    ("cem 5 (from policy)", "cem", 5, "policy"),
-    ("cem 50 (warm)", "cem", 50, "previous"),
-    ("cem 50 (from policy)", "cem", 50, "policy"),
-    ("direct", "direct", None, "prior"),
-    ("direct (short)", "direct", None, "prior"),  # as long as the 50-iteration cells, to compare
+    ("iterative", "iterative", None, "prior", False),
+    ("iterative (from policy)", "iterative", None, "policy", False),
+    ("adam 5 (warm)", "adam", 5, "previous", False),
+    ("adam 5 (from policy)", "adam", 5, "policy", False),
+    ("adam 50 (warm)", "adam", 50, "previous", True),
+    ("adam 50 (from policy)", "adam", 50, "policy", True),
+    ("cem 5 (warm)", "cem", 5, "previous", False),
+    ("cem 5 (from policy)", "cem", 5, "policy", False),
+    ("cem 50 (warm)", "cem", 50, "previous", True),
+    ("cem 50 (from policy)", "cem", 50, "policy", True),
+    ("direct", "direct", None, "prior", False),
+    ("direct (short)", "direct", None, "prior", True),  # as long as the 50-iteration cells
 ]
-#: Cells whose episodes are cut at --heavy-max-steps.
-SHORT = {"adam 50 (warm)", "adam 50 (from policy)", "cem 50 (warm)", "cem 50 (from policy)",
-         "direct (short)"}  # fmt: skip
 #: The zero-shot transfer rows: the optimizer fitted on the model-free objective, on Ĵ_MB.
 TRANSFER = [
-    ("iterative (model-free, zero-shot)", "transfer", None, "prior"),
-    ("iterative (model-free, zero-shot, from policy)", "transfer", None, "policy"),
+    ("iterative (model-free, zero-shot)", "transfer", None, "prior", False),
+    ("iterative (model-free, zero-shot, from policy)", "transfer", None, "policy", False),
 ]
 
 
@@ -114,7 +112,7 @@ def main() -> None:
     cells = [(*c, H) for H in args.horizons for c in CONTENDERS]
     cells += [(*c, max(args.horizons)) for c in TRANSFER]
     rows = []
-    for label, name, iters, init, H in cells:
+    for label, name, iters, init, short, H in cells:
         path = out / "cells" / f"{label.replace(' ', '_').replace(',', '')}-H{H}.json"
         if path.exists():
             row = {"init": init, **json.loads(path.read_text())}
@@ -127,7 +125,7 @@ def main() -> None:
                 planner = setup.optimizers["model-free"]
             else:
                 planner = planner_for(setup, name, "model")
-            steps = args.heavy_max_steps if label in SHORT else args.max_steps
+            steps = args.heavy_max_steps if short else args.max_steps
             row = {"planner": label, **run_cell(setup, planner, H, iters, init, steps, args)}
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(row, indent=1))

@@ -23,6 +23,11 @@ INIT_HELP = (
 )
 
 
+def init_option() -> str:
+    """The ``--init`` field shared by every command that runs :func:`mbplan.planning.run_mpc`."""
+    return option(DEFAULT_INIT, INIT_HELP, choices=PLAN_INITS)
+
+
 @dataclass
 class FitModelOptions:
     """Options of ``mbplan fit-model``."""
@@ -80,7 +85,7 @@ class PlanOptions:
     samples: int = option(0, "samples K per state (0 = 10)")
     seed: int = option(0, "seed of resets and sampling")
     max_steps: int = option(0, "cap on steps per episode (0 = the env's time limit)")
-    init: str = option(DEFAULT_INIT, INIT_HELP, choices=PLAN_INITS)
+    init: str = init_option()
     stochastic: bool = option(False, "act with a sample instead of tanh(μ)")
     video: str = option("", "write the first episode as an MP4 here")
     save_plans: str = option("", "write every step's plans (safetensors) here")
@@ -348,7 +353,7 @@ class TransferOptions:
     max_steps: int = option(0, "cap on steps per episode (0 = the env's time limit)")
     samples: int = option(0, "samples K per state (0 = 10)")
     seed: int = option(0, "seed of resets and sampling")
-    init: str = option(DEFAULT_INIT, INIT_HELP, choices=PLAN_INITS)
+    init: str = init_option()
     threads: int = option(0, "torch CPU threads (0 = one per core)")
 
 

@@ -309,7 +309,7 @@ def run_mpc(
             start = time.perf_counter()
             if policy is not None:
                 with torch.no_grad():
-                    prev = policy(state).detach()  # λ = f(s), [1, A] each
+                    prev = policy(state)  # λ = f(s), [1, A] each
             result = planner.plan(
                 objective, state, init=prev, n_iters=iters,
                 generator=generator, record_objective=False,

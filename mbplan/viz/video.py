@@ -26,10 +26,9 @@ import numpy as np
 
 from mbplan.analysis import CommonOptions, load, out_path, write_json
 from mbplan.cli_args import option
-from mbplan.cli_planning import DEFAULT_INIT, INIT_HELP
+from mbplan.cli_planning import init_option
 from mbplan.errors import UserError
 from mbplan.planners import PLANNERS
-from mbplan.planning import PLAN_INITS
 
 #: Frames per second at most (envs with a small dt play slower than real time).
 MAX_FPS = 60
@@ -44,7 +43,7 @@ class VideoOptions(CommonOptions):
     max_steps: int = option(200, "steps of the episode")
     iters: int = option(0, "planner iterations per action (0 = the planner's default)")
     samples: int = option(0, "samples K per state (0 = 10)")
-    init: str = option(DEFAULT_INIT, INIT_HELP, choices=PLAN_INITS)
+    init: str = init_option()
     stem: str = option("viz-video", "file name stem of the MP4 and the JSON")
 
 
