@@ -6,19 +6,57 @@ Agents see actions in (−1, 1)^A; :func:`make_env` maps them linearly to the en
 from __future__ import annotations
 
 import os
+import sys
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from mbplan.errors import UserError
 
+#: Headless GL backends in order of preference, with the shared library each needs.
+_HEADLESS_GL = (("osmesa", "OSMesa"), ("egl", "EGL"))
+
+#: Why offscreen rendering is off in this process ("" = it is not), for :func:`render_frame`.
+_GL_MISSING = ""
+
+
+def choose_gl(
+    environ: Mapping[str, str], find_library: Callable[[str], str | None]
+) -> tuple[str, str]:
+    """The ``MUJOCO_GL`` backend to use, and why rendering is off ("" if it is not).
+
+    Keeps the user's ``MUJOCO_GL`` (if its library is installed) or display ("" = leave as is).
+    Otherwise OSMesa, else EGL; with neither installed, ``"disable"``: physics (training, planning)
+    still runs and only rendering fails, with a one-line error, instead of ``import mujoco``.
+    """
+    chosen = environ.get("MUJOCO_GL", "").lower().strip()
+    libs = dict(_HEADLESS_GL)
+    if chosen in libs and find_library(libs[chosen]) is None:
+        return "disable", f"MUJOCO_GL={chosen} but lib{libs[chosen]} is not installed"
+    if chosen or environ.get("DISPLAY"):
+        return "", ""
+    for backend, lib in _HEADLESS_GL:
+        if find_library(lib) is not None:
+            return backend, ""
+    return "disable", "no headless GL library found (install libosmesa6 or libegl1)"
+
 
 def _default_gl() -> None:
-    """Headless MuJoCo rendering: pick OSMesa unless the user chose a backend or has a display."""
-    if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
-        os.environ["MUJOCO_GL"] = "osmesa"
-        os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+    """Set ``MUJOCO_GL`` by :func:`choose_gl`, once, before MuJoCo is first imported."""
+    global _GL_MISSING
+    from ctypes.util import find_library
+
+    if "mujoco" in sys.modules:
+        return  # MuJoCo reads MUJOCO_GL once, at import
+    backend, _GL_MISSING = choose_gl(os.environ, find_library)
+    if backend == "disable":
+        os.environ["MUJOCO_GL"] = backend
+        os.environ.pop("PYOPENGL_PLATFORM", None)
+    elif backend:
+        os.environ["MUJOCO_GL"] = backend
+        os.environ.setdefault("PYOPENGL_PLATFORM", backend)
 
 
 @dataclass(frozen=True)
@@ -117,6 +155,8 @@ def render_frame(env) -> np.ndarray:
     """
     import gymnasium as gym
 
+    if _GL_MISSING:
+        raise UserError(f"cannot render {env.spec.id if env.spec else 'env'}: {_GL_MISSING}")
     try:
         return env.render()
     except (gym.error.Error, ImportError, RuntimeError) as exc:
