@@ -40,32 +40,43 @@ def main() -> None:
     policy = mbplan.make_planner("direct", state_dim=S, action_dim=A)
     for m in [*nets, policy]:
         m.requires_grad_(False).eval()
-    value = ModelValue(*nets, policy, args.horizon, beta=1.0, alpha=0.1)
-    objective = mbplan.make_objective(value, alpha=0.1, n_samples=args.samples, state_dim=S,
-                                      action_dim=A)  # fmt: skip
+
+    def make(fused: bool):
+        value = ModelValue(*nets, policy, args.horizon, beta=1.0, alpha=0.1, fused=fused)
+        return mbplan.make_objective(value, alpha=0.1, n_samples=args.samples, state_dim=S,
+                                     action_dim=A)  # fmt: skip
+
+    objective, reference = make(True), make(False)
     state = torch.randn(1, S)
     print(f"S={S} A={A} H={args.horizon} K={args.samples}, one state, {args.threads} thread(s)")
+    print("Ĵ_MB evaluated by the fused rollout (mbplan's default); in brackets the autograd one")
     for name in args.planners:
         planner = mbplan.make_planner(name, state_dim=S, action_dim=A)
         iters = 1 if name == "direct" else args.iters
-        g = torch.Generator().manual_seed(0)
+        times = []
+        for obj in (objective, reference):
+            g = torch.Generator().manual_seed(0)
 
-        def act(planner=planner, iters=iters, g=g):
-            return planner.plan(objective, state, n_iters=iters, generator=g,
-                                record_objective=False).dist.mode()  # fmt: skip
+            def act(planner=planner, iters=iters, g=g, obj=obj):
+                return planner.plan(obj, state, n_iters=iters, generator=g,
+                                    record_objective=False).dist.mode()  # fmt: skip
 
-        seconds = median_seconds(act, args.repeats)
-        print(f"{name:9s} I={iters:<3d} {1e3 * seconds:8.2f} ms/action (median)")
+            times.append(median_seconds(act, args.repeats))
+        print(f"{name:9s} I={iters:<3d} {1e3 * times[0]:8.2f} ms/action (median) "
+              f"[autograd {1e3 * times[1]:.2f} ms, {times[1] / times[0]:.2f}×]")  # fmt: skip
 
     # Where the iterative optimizer's time goes
     dist = mbplan.TanhNormal.initial(1, A)
     it = mbplan.make_planner("iterative", state_dim=S, action_dim=A)
     g = torch.Generator().manual_seed(0)
-    t_eval = median_seconds(lambda: it.value_and_grad(objective, state, dist, g), args.repeats)
+    t_eval, t_ref = (
+        median_seconds(lambda obj=obj: it.value_and_grad(obj, state, dist, g), args.repeats)
+        for obj in (objective, reference)
+    )
     _, gl, gs = it.value_and_grad(objective, state, dist, g)
     with torch.no_grad():
         t_net = median_seconds(lambda: it.propose(state, dist, gl, gs), args.repeats)
-    print(f"iterative: Ĵ_MB + gradient {1e3 * t_eval:.2f} ms, "
+    print(f"iterative: Ĵ_MB + gradient {1e3 * t_eval:.2f} ms [autograd {1e3 * t_ref:.2f} ms], "
           f"optimizer network {1e3 * t_net:.2f} ms per iteration")  # fmt: skip
     breakdown(nets, policy, args)
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mbplan.distributions import TanhNormal, uniform_log_prob
+from mbplan.fused_value import FusedRollout, fused_q
 from mbplan.models.retrace import retrace
 from mbplan.objective import pessimistic
 
@@ -55,6 +56,10 @@ class ModelValue:
         gamma: Discount γ.
         lam: Retrace λ_R.
         alpha: KL weight α of the future terms.
+        fused: Evaluate with :class:`~mbplan.fused_value.FusedRollout` (same values to rounding,
+            same gradient to the actions, a fraction of the ops) when the networks allow it, the
+            states need no gradient and no rollout is recorded. Its weights are copied on first
+            use: set ``fused_rollout = None`` after changing them.
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class ModelValue:
         gamma: float = 0.99,
         lam: float = 0.9,
         alpha: float | Tensor = 0.0,
+        fused: bool = True,
     ):
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
@@ -76,6 +82,18 @@ class ModelValue:
         self.horizon, self.beta, self.gamma, self.lam = horizon, beta, gamma, lam
         self.alpha = alpha.detach() if isinstance(alpha, Tensor) else alpha
         self.record: list[Rollout] | None = None  # set to [] to keep every rollout
+        self.fused = fused
+        self.fused_rollout: FusedRollout | None = None  # built on first use
+
+    def _fused(self, states: Tensor) -> FusedRollout | None:
+        """The fused evaluator when it applies to this call, else None."""
+        if not self.fused or self.record is not None or states.requires_grad:
+            return None
+        if self.fused_rollout is None:
+            self.fused_rollout = FusedRollout.from_value(self)
+            if self.fused_rollout is None:
+                self.fused = False  # networks of another form: never try again
+        return self.fused_rollout
 
     def __call__(
         self, states: Tensor, actions: Tensor, generator: torch.Generator | None = None
@@ -85,6 +103,9 @@ class ModelValue:
         S = states.shape[-1]
         s = states.expand(K, B, S).reshape(K * B, S)  # (K*B, S)
         a = actions.reshape(K * B, A)  # (K*B, A)
+        fused = self._fused(states)
+        if fused is not None:
+            return fused_q(fused, s, a, generator).reshape(K, B)
         log_prior = uniform_log_prob(A)
         qs, rewards, kls = [], [], []
         traj_s, traj_a = [s], [a]

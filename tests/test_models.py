@@ -158,3 +158,65 @@ def test_every_planner_runs_on_the_model_objective():
         planner = mbplan.make_planner(name, state_dim=3, action_dim=2)
         res = planner.plan(obj, states, n_iters=2, generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(res.trace.objective).all()
+
+
+def _randomize(value: ModelValue) -> ModelValue:
+    """Non-trivial normalizers, LayerNorm affines and soft-clamp bounds (the fusion folds them)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in (value.dynamics, value.reward, value.future_policy):
+            for p in module.parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        for model in (value.dynamics, value.reward):
+            model.inputs.mean.normal_(generator=g)
+            model.inputs.std.uniform_(0.5, 2.0, generator=g)
+        value.dynamics.delta_scale.std.uniform_(0.5, 2.0, generator=g)
+        value.reward.scale.fill_(1.7)
+        value.reward.offset.fill_(-0.4)
+    return value
+
+
+@pytest.mark.parametrize(("horizon", "lam"), [(1, 0.9), (2, 0.0), (3, 1.0), (5, 0.9)])
+def test_fused_rollout_equals_the_autograd_rollout(horizon, lam):
+    def value_and_grad(fused):
+        value = _randomize(_tiny_model_value(horizon, lam=lam))
+        value.fused = fused
+        states = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        actions = (0.99 * torch.rand(6, 4, 2, dtype=torch.float64) * 2 - 0.99).requires_grad_()
+        v = value(states, actions, generator=torch.Generator().manual_seed(0))
+        weights = torch.linspace(-1, 2, 24, dtype=torch.float64).reshape(6, 4)
+        (grad,) = torch.autograd.grad((v * weights).sum(), actions)
+        return v, grad, value.fused_rollout
+
+    torch.manual_seed(7)
+    v_ref, g_ref, none = value_and_grad(False)
+    torch.manual_seed(7)
+    v, g, fused = value_and_grad(True)
+    assert none is None and fused is not None  # the fused path ran
+    torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+
+
+def test_fused_rollout_only_where_it_applies():
+    states, actions = torch.randn(4, 3, dtype=torch.float64), torch.rand(2, 4, 2).double()
+    value = _tiny_model_value(2)
+    value.record = []  # recording needs the step-by-step rollout
+    value(states, actions)
+    assert value.fused_rollout is None and len(value.record) == 1
+    value.dynamics.euler = EulerSpec((0,), (1,), (0,), 0.05)  # not fused: falls back for good
+    value.record = None
+    value(states, actions)
+    assert value.fused_rollout is None and not value.fused
+    trained = _tiny_model_value(2)
+    trained.reward.requires_grad_(True)  # weights being trained: gradients must reach them
+    trained(states, actions).sum().backward()
+    assert trained.fused_rollout is None and trained.reward.net[0].weight.grad is not None
+
+
+def test_fused_rollout_refuses_second_order_gradients():
+    value = _tiny_model_value(2)
+    actions = torch.rand(2, 4, 2, dtype=torch.float64, requires_grad=True)
+    v = value(torch.randn(4, 3, dtype=torch.float64), actions)
+    assert value.fused_rollout is not None
+    with pytest.raises(RuntimeError, match="no second-order gradient"):
+        torch.autograd.grad(v.sum(), actions, create_graph=True)
