@@ -9,8 +9,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def run_cli(*args, timeout=600):
-    """Run ``mbplan ARGS`` on one thread with offscreen rendering; the CompletedProcess."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "osmesa"}
+    """Run ``mbplan ARGS`` on one thread; the CompletedProcess (mbplan picks a headless GL)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "mbplan.cli", *map(str, args)],
         capture_output=True, text=True, timeout=timeout, env=env,

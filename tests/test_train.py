@@ -291,7 +291,7 @@ def test_eval_writes_video(direct_run, tmp_path):
         "1",
         "--video",
         video,
-        env=cli_env(MUJOCO_GL="osmesa", PYOPENGL_PLATFORM="osmesa"),
+        env=cli_env(),
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"video written to {video}" in out.stdout
