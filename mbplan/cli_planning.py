@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +27,22 @@ INIT_HELP = (
 def init_option() -> str:
     """The ``--init`` field shared by every command that runs :func:`mbplan.planning.run_mpc`."""
     return option(DEFAULT_INIT, INIT_HELP, choices=PLAN_INITS)
+
+
+#: η of the trust region around the policy's proposal that ``mbplan plan`` uses by default.
+DEFAULT_TRUST = 0.0
+
+
+def trust_option() -> float:
+    """The ``--trust`` field shared by every command that runs :func:`mbplan.planning.run_mpc`."""
+    return option(DEFAULT_TRUST, "η of a trust region: plan against Ĵ − η·KL(π_λ ‖ π_policy), "
+                  "keeping plans near the direct policy's proposal (0 = none)")  # fmt: skip
+
+
+def check_trust(trust: float) -> None:
+    """Reject a ``--trust`` that is negative or not finite (before any work starts)."""
+    if not (trust >= 0 and math.isfinite(trust)):
+        raise UserError(f"--trust must be a finite number >= 0, got {trust}")
 
 
 @dataclass
@@ -86,6 +103,7 @@ class PlanOptions:
     seed: int = option(0, "seed of resets and sampling")
     max_steps: int = option(0, "cap on steps per episode (0 = the env's time limit)")
     init: str = init_option()
+    trust: float = trust_option()
     stochastic: bool = option(False, "act with a sample instead of tanh(μ)")
     video: str = option("", "write the first episode as an MP4 here")
     save_plans: str = option("", "write every step's plans (safetensors) here")
@@ -277,6 +295,7 @@ def plan_cmd(opts: PlanOptions) -> None:
 
     if opts.horizon < 1:
         raise UserError(f"--horizon must be >= 1, got {opts.horizon}")
+    check_trust(opts.trust)
     if opts.iters < 0 or opts.episodes < 1 or opts.samples < 0 or opts.max_steps < 0:
         raise UserError("--iters, --samples, --max-steps must be >= 0 and --episodes >= 1")
     _threads(opts.threads)
@@ -294,7 +313,7 @@ def plan_cmd(opts: PlanOptions) -> None:
     try:
         stats = run_mpc(
             setup, env, planner, objective, opts.episodes, opts.iters or None, opts.seed,
-            init=opts.init, stochastic=opts.stochastic,
+            init=opts.init, stochastic=opts.stochastic, trust=opts.trust,
             max_steps=opts.max_steps or None, on_step=lambda ep, t: bar.update(1),
             plans=plans, frames=frames,
         )  # fmt: skip
@@ -354,6 +373,7 @@ class TransferOptions:
     samples: int = option(0, "samples K per state (0 = 10)")
     seed: int = option(0, "seed of resets and sampling")
     init: str = init_option()
+    trust: float = trust_option()
     threads: int = option(0, "torch CPU threads (0 = one per core)")
 
 
@@ -369,6 +389,7 @@ def transfer_cmd(opts: TransferOptions) -> None:
 
     if opts.horizon < 1 or opts.episodes < 1:
         raise UserError("--horizon and --episodes must be >= 1")
+    check_trust(opts.trust)
     _threads(opts.threads)
     setup = load_setup(checkpoint_or_default(opts.checkpoint))
     source = load_setup(_require_checkpoint(opts.optimizer_from)) if opts.optimizer_from else setup
@@ -391,7 +412,8 @@ def transfer_cmd(opts: TransferOptions) -> None:
     )
     for name, planner in contenders.items():
         stats = run_mpc(setup, env, planner, objective, opts.episodes, None, opts.seed,
-                        init=opts.init, max_steps=opts.max_steps or None)  # fmt: skip
+                        init=opts.init, max_steps=opts.max_steps or None,
+                        trust=opts.trust)  # fmt: skip
         mean = statistics.fmean(stats.returns)
         std = statistics.pstdev(stats.returns) if len(stats.returns) > 1 else 0.0
         print(f"{name:36s} return {mean:9.1f} ± {std:7.1f}  {stats.ms_per_action:7.1f} ms/action  "

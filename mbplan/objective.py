@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mbplan.distributions import TanhNormal, uniform_log_prob
+from mbplan.distributions import TanhNormal, kl_between, uniform_log_prob
 
 QFunction = Callable[[Tensor, Tensor], Tensor]
 
@@ -110,6 +110,39 @@ def make_objective(
         torch.Size([4, 2])
     """
     return Objective(q_fn, alpha, n_samples, state_dim, action_dim)
+
+
+class AnchoredObjective(Objective):
+    """Ĵ(s, λ) − η·KL(π_λ ‖ π_anchor): a trust region around a per-state λ_anchor.
+
+    In planning the anchor is the amortized policy's proposal λ = f(s): the data the model was
+    fitted on came from that policy, so plans far from it are where the model is least trustworthy.
+    The value uses the closed-form KL of the pre-tanh Gaussians; the per-sample values (which CEM
+    ranks) carry the matching Monte-Carlo term η·(log π_λ(a_k) − log π_anchor(a_k)).
+
+    Args:
+        base: The objective Ĵ.
+        anchor: λ_anchor, loc and log_scale [B, A] (detached).
+        weight: η ≥ 0.
+    """
+
+    def __init__(self, base: Objective, anchor: TanhNormal, weight: float) -> None:
+        super().__init__(base.q_fn, base.alpha, base.n_samples, base.state_dim, base.action_dim)
+        self.base, self.anchor, self.weight = base, anchor.detach(), weight
+
+    def __call__(
+        self,
+        states: Tensor,
+        dist: TanhNormal,
+        n_samples: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> ObjectiveValue:
+        """Ĵ − η·KL at λ = ``dist`` for states [B, S]."""
+        out = self.base(states, dist, n_samples, generator)
+        log_ratio = dist.log_prob(out.pre_tanh) - self.anchor.log_prob(out.pre_tanh)  # (K, B)
+        value = out.value - self.weight * kl_between(dist, self.anchor)
+        sample_values = out.sample_values - self.weight * log_ratio
+        return ObjectiveValue(value, sample_values, out.kl, out.actions, out.pre_tanh)
 
 
 def pessimistic(q_ensemble: Tensor, beta: float) -> Tensor:

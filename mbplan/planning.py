@@ -29,7 +29,7 @@ from mbplan.envs import render_frame
 from mbplan.errors import UserError
 from mbplan.model_value import ModelValue
 from mbplan.models.dynamics import Dynamics, EulerSpec, Reward
-from mbplan.objective import Objective, make_objective
+from mbplan.objective import AnchoredObjective, Objective, make_objective
 from mbplan.planners import (
     DirectPlanner,
     IterativePlanner,
@@ -268,6 +268,7 @@ def run_mpc(
     on_step=None,
     plans: list | None = None,
     frames: list | None = None,
+    trust: float = 0.0,
 ) -> PlanStats:
     """Plan λ at every real state against ``objective``, act, repeat.
 
@@ -289,11 +290,16 @@ def run_mpc(
             and (model-based) the rollouts of every objective evaluation in order — one per
             iteration, then the final record-keeping evaluation(s).
         frames: If a list, receives rendered frames of the first episode.
+        trust: η of a trust region around the policy's proposal: plan against
+            Ĵ − η·KL(π_λ ‖ π_f(s)) (:class:`~mbplan.objective.AnchoredObjective`); 0 = none. The
+            reported improvement is measured on Ĵ itself.
     """
     if init not in PLAN_INITS:
         raise UserError(f"unknown plan start {init!r}; choose from {', '.join(PLAN_INITS)}")
+    if not (trust >= 0 and np.isfinite(trust)):
+        raise UserError(f"--trust must be a finite number >= 0, got {trust}")
     generator = torch.Generator().manual_seed(seed)
-    policy = setup.future_policy() if init == "policy" else None
+    policy = setup.future_policy() if init == "policy" or trust > 0 else None
     value = objective.q_fn if isinstance(objective.q_fn, ModelValue) else None
     returns, times, improvements = [], [], []
     for ep in range(episodes):
@@ -307,11 +313,16 @@ def run_mpc(
             if value is not None and plans is not None:
                 value.record = []
             start = time.perf_counter()
+            target = objective
             if policy is not None:
                 with torch.no_grad():
-                    prev = policy(state)  # λ = f(s), [1, A] each
+                    proposal = policy(state)  # λ = f(s), [1, A] each
+                if init == "policy":
+                    prev = proposal
+                if trust > 0:
+                    target = AnchoredObjective(objective, proposal, trust)
             result = planner.plan(
-                objective, state, init=prev, n_iters=iters,
+                target, state, init=prev, n_iters=iters,
                 generator=generator, record_objective=False,
             )  # fmt: skip
             dist = result.dist
@@ -323,7 +334,7 @@ def run_mpc(
             trace = result.trace
             with torch.no_grad():
                 j0 = trace.objective[0]
-                if not torch.isfinite(j0).all():
+                if trust > 0 or not torch.isfinite(j0).all():
                     first = TanhNormal(trace.loc[0], trace.log_scale[0])
                     j0 = objective(state, first, generator=generator).value
                 j_final = objective(state, dist, generator=generator).value

@@ -85,3 +85,30 @@ def test_rsample_log_prob_matches_rsample_then_log_prob():
     a2, u2, lp = dist.rsample_log_prob(7, torch.Generator().manual_seed(2))
     assert torch.equal(a1, a2) and torch.equal(u1, u2)
     assert torch.allclose(lp, dist.log_prob(u1), atol=1e-5)
+
+
+def test_anchored_objective_is_a_trust_region_around_the_anchor():
+    from mbplan.distributions import kl_between
+    from mbplan.objective import AnchoredObjective
+
+    q = lambda s, a: -((a - 0.5) ** 2).sum(-1)  # noqa: E731
+    base = mbplan.make_objective(q, alpha=0.0, n_samples=64, action_dim=2)
+    anchor = TanhNormal(torch.full((4, 2), -1.0), torch.full((4, 2), -1.0))
+    dist = TanhNormal(torch.zeros(4, 2), torch.full((4, 2), -0.5))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    plain = base(torch.zeros(4, 3), dist, generator=g())
+    anchored = AnchoredObjective(base, anchor, 2.0)(torch.zeros(4, 3), dist, generator=g())
+    torch.testing.assert_close(anchored.value, plain.value - 2.0 * kl_between(dist, anchor))
+    states = torch.zeros(4, 3)
+    at_anchor = AnchoredObjective(base, anchor, 2.0)(states, anchor, generator=g())
+    torch.testing.assert_close(at_anchor.value, base(states, anchor, generator=g()).value)
+    # The larger η, the closer every planner's optimum stays to the anchor's action tanh(−1).
+    for name in ("adam", "cem"):
+        modes = []
+        for eta in (0.0, 1.0, 10.0):
+            objective = AnchoredObjective(base, anchor, eta)
+            result = mbplan.make_planner(name).plan(
+                objective, torch.zeros(4, 3), n_iters=200, generator=g()
+            )
+            modes.append(result.dist.mode()[:, 0].mean().item())
+        assert modes[0] > 0.4 and modes[0] > modes[1] > modes[2] - 0.05 and modes[2] < -0.6, name

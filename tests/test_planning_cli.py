@@ -66,6 +66,8 @@ def test_plan_saves_plans(run_with_model, tmp_path):
     [
         ["--planner", "newton"],
         ["--init", "nowhere"],
+        ["--trust", "-1"],
+        ["--trust", "nan"],
         ["--horizon", "0"],
         ["--iters", "-1"],
         ["--env", "HalfCheetah-v5"],

@@ -26,7 +26,7 @@ import numpy as np
 
 from mbplan.analysis import CommonOptions, load, out_path, write_json
 from mbplan.cli_args import option
-from mbplan.cli_planning import init_option
+from mbplan.cli_planning import check_trust, init_option, trust_option
 from mbplan.errors import UserError
 from mbplan.planners import PLANNERS
 
@@ -44,6 +44,7 @@ class VideoOptions(CommonOptions):
     iters: int = option(0, "planner iterations per action (0 = the planner's default)")
     samples: int = option(0, "samples K per state (0 = 10)")
     init: str = init_option()
+    trust: float = trust_option()
     stem: str = option("viz-video", "file name stem of the MP4 and the JSON")
 
 
@@ -180,6 +181,7 @@ def run(opts: VideoOptions) -> None:
 
     if opts.horizon < 1 or opts.max_steps < 1 or opts.iters < 0 or opts.samples < 0:
         raise UserError("--horizon and --max-steps must be >= 1, --iters and --samples >= 0")
+    check_trust(opts.trust)
     setup = load(opts)
     H = opts.horizon
     objective, _ = model_objective(setup, H, opts.samples or None)
@@ -194,7 +196,8 @@ def run(opts: VideoOptions) -> None:
         plans: list[dict] = []
         real_frames: list[np.ndarray] = []
         run_mpc(setup, rec, planner, objective, 1, opts.iters or None, opts.seed, init=opts.init,
-                max_steps=opts.max_steps, plans=plans, frames=real_frames)  # fmt: skip
+                trust=opts.trust, max_steps=opts.max_steps, plans=plans,
+                frames=real_frames)  # fmt: skip
         env.reset(seed=opts.seed)  # back to the first state, to check the pose layout on it
         layout = pose_layout(env, rec.obs[0])
     finally:
