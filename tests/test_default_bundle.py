@@ -78,3 +78,28 @@ def test_plan_starts_where_init_says():
     assert torch.count_nonzero(starts["prior"][1]["trace"].loc[0]) == 0
     with pytest.raises(UserError, match="unknown plan start"):
         run_mpc(setup, env, adam, objective, 1, 2, seed=0, init="elsewhere", max_steps=1)
+
+
+def test_trust_region_keeps_plans_near_the_policy():
+    """--trust η: the larger η, the closer the planned λ stays to the policy's proposal."""
+    import torch
+
+    from mbplan.distributions import TanhNormal, kl_between
+    from mbplan.envs import make_env
+    from mbplan.planning import model_objective, planner_for, run_mpc
+
+    setup = load_setup(default_bundle())
+    objective, _ = model_objective(setup, 1, samples=4)
+    planner, policy = planner_for(setup, "iterative", "model"), setup.future_policy()
+    env = make_env("HalfCheetah-v5")
+    kls = []
+    for trust in (0.0, 100.0):
+        plans: list = []
+        run_mpc(setup, env, planner, objective, 1, None, seed=0, init="policy", max_steps=3,
+                plans=plans, trust=trust)  # fmt: skip
+        with torch.no_grad():
+            finals = [TanhNormal(p["trace"].loc[-1], p["trace"].log_scale[-1]) for p in plans]
+            kl = [kl_between(final, policy(p["state"][None])).item()
+                  for final, p in zip(finals, plans, strict=True)]  # fmt: skip
+        kls.append(sum(kl) / len(kl))
+    assert kls[1] < 0.5 * kls[0]  # a learned optimizer does not converge onto the anchor
