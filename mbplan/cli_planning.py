@@ -39,10 +39,12 @@ def trust_option() -> float:
                   "keeping plans near the direct policy's proposal (0 = none)")  # fmt: skip
 
 
-def check_trust(trust: float) -> None:
-    """Reject a ``--trust`` that is negative or not finite (before any work starts)."""
+def check_trust(trust: float, planner: str = "") -> None:
+    """Reject a ``--trust`` that is negative, not finite, or given to ``direct`` (it ignores Ĵ)."""
     if not (trust >= 0 and math.isfinite(trust)):
         raise UserError(f"--trust must be a finite number >= 0, got {trust}")
+    if trust > 0 and planner == "direct":
+        raise UserError("--trust needs a planner that optimizes Ĵ; direct ignores the objective")
 
 
 @dataclass
@@ -295,7 +297,7 @@ def plan_cmd(opts: PlanOptions) -> None:
 
     if opts.horizon < 1:
         raise UserError(f"--horizon must be >= 1, got {opts.horizon}")
-    check_trust(opts.trust)
+    check_trust(opts.trust, opts.planner)
     if opts.iters < 0 or opts.episodes < 1 or opts.samples < 0 or opts.max_steps < 0:
         raise UserError("--iters, --samples, --max-steps must be >= 0 and --episodes >= 1")
     _threads(opts.threads)
@@ -411,9 +413,10 @@ def transfer_cmd(opts: TransferOptions) -> None:
         f"zero-shot transfer on {setup.config['env']}, H={opts.horizon}, {opts.episodes} episodes"
     )
     for name, planner in contenders.items():
+        trust = 0.0 if name == "direct" else opts.trust  # the direct policy ignores Ĵ
         stats = run_mpc(setup, env, planner, objective, opts.episodes, None, opts.seed,
                         init=opts.init, max_steps=opts.max_steps or None,
-                        trust=opts.trust)  # fmt: skip
+                        trust=trust)  # fmt: skip
         mean = statistics.fmean(stats.returns)
         std = statistics.pstdev(stats.returns) if len(stats.returns) > 1 else 0.0
         print(f"{name:36s} return {mean:9.1f} ± {std:7.1f}  {stats.ms_per_action:7.1f} ms/action  "

@@ -147,6 +147,15 @@ def env_spec(env) -> EnvSpec:
     )
 
 
+def _is_mujoco(env) -> bool:
+    """Whether ``env`` renders through MuJoCo (and so needs a GL backend)."""
+    try:
+        from gymnasium.envs.mujoco import MujocoEnv
+    except ImportError:
+        return False
+    return isinstance(env.unwrapped, MujocoEnv)
+
+
 def render_frame(env) -> np.ndarray:
     """One RGB frame [H, W, 3] of an env made with ``render=True``.
 
@@ -155,7 +164,7 @@ def render_frame(env) -> np.ndarray:
     """
     import gymnasium as gym
 
-    if _GL_MISSING:
+    if _GL_MISSING and _is_mujoco(env):
         raise UserError(f"cannot render {env.spec.id if env.spec else 'env'}: {_GL_MISSING}")
     try:
         return env.render()

@@ -70,21 +70,31 @@ def _linear_t(layer: nn.Linear) -> tuple[Tensor, Tensor]:
     return layer.weight.detach().t(), layer.bias.detach()
 
 
-def _model_parts(net: nn.Sequential) -> tuple[list[nn.Linear], list[nn.LayerNorm], float] | None:
-    """Linear/LayerNorm layers and the LeakyReLU slope of a 2-hidden-layer model trunk, or None."""
-    kinds = [type(m) for m in net]
-    if kinds != [nn.Linear, nn.LayerNorm, nn.LeakyReLU] * 2 + [nn.Linear]:
+def _model_parts(
+    net: nn.Sequential,
+) -> tuple[list[nn.Linear], list[nn.LayerNorm], tuple[float, float]] | None:
+    """Linear/LayerNorm layers and (LeakyReLU slope, LayerNorm eps) of a model trunk, or None.
+
+    The trunk must be exactly 2 × (Linear with bias → affine LayerNorm → LeakyReLU) → Linear
+    with bias, with one slope and one eps.
+    """
+    if [type(m) for m in net] != [nn.Linear, nn.LayerNorm, nn.LeakyReLU] * 2 + [nn.Linear]:
         return None
-    if net[2].negative_slope != net[5].negative_slope or net[1].eps != net[4].eps:
+    linears, norms = [net[0], net[3], net[6]], [net[1], net[4]]
+    if any(m.bias is None for m in linears):
         return None
-    return [net[0], net[3], net[6]], [net[1], net[4]], float(net[2].negative_slope)
+    if any(m.weight is None or m.bias is None or len(m.normalized_shape) != 1 for m in norms):
+        return None
+    if net[2].negative_slope != net[5].negative_slope or norms[0].eps != norms[1].eps:
+        return None
+    return linears, norms, (float(net[2].negative_slope), float(norms[0].eps))
 
 
 class FusedRollout:
     """Q̂_MB(s, a_0) of a :class:`~mbplan.model_value.ModelValue` with a hand-written backward.
 
     Build with :meth:`from_value`, which returns None when the networks are of another form.
-    The weights are copied when built: call :meth:`from_value` again after changing them.
+    It holds copies of the weights (``ModelValue`` rebuilds it when they change).
     """
 
     def __init__(self, value, slope: float, ln_eps: float, layers: list[_Layer], ln: list[tuple]):
@@ -94,10 +104,10 @@ class FusedRollout:
         self.ln = ln  # per hidden layer: (γ [N_MODEL, 1, H], β [N_MODEL, 1, H])
         self._views: dict[tuple[int, int], tuple] = {}
         policy = value.future_policy
-        self.policy = [_linear_t(policy.net[i]) for i in (0, 2, 4)]
+        self.policy = [tuple(x.clone() for x in _linear_t(policy.net[i])) for i in (0, 2, 4)]
         self.policy_w = [w.t() for w, _ in self.policy]  # [out, in] for the backward
-        self.log_scale_min = policy.bounds.log_scale_min.detach()
-        self.log_scale_max = policy.bounds.log_scale_max.detach()
+        self.log_scale_min = policy.bounds.log_scale_min.detach().clone()
+        self.log_scale_max = policy.bounds.log_scale_max.detach().clone()
         self.log_scale_span = self.log_scale_max - self.log_scale_min
         A = policy.action_dim
         self.kl_const = -A * _LOG_SQRT_2PI - uniform_log_prob(A)  # of log π(a) − log p(a)
@@ -107,18 +117,26 @@ class FusedRollout:
     def from_value(cls, value) -> FusedRollout | None:
         """Stack a ModelValue's frozen networks, or None when they are not of the supported form."""
         from mbplan.models.critic import EnsembleQ
+        from mbplan.models.dynamics import Dynamics, Reward
         from mbplan.planners.direct import DirectPlanner
 
         dyn, rew, critic, policy = value.dynamics, value.reward, value.critic, value.future_policy
-        if getattr(dyn, "euler", True) is not None or not isinstance(critic, EnsembleQ):
+        if getattr(dyn, "euler", True) is not None:
             return None
-        if not isinstance(policy, DirectPlanner) or len(critic.hidden) != 2 or critic.n_members < 2:
+        # Exact classes: a subclass may evaluate differently.
+        if type(policy) is not DirectPlanner or type(critic) is not EnsembleQ:
+            return None
+        if type(dyn) is not Dynamics or type(rew) is not Reward:
+            return None
+        if len(critic.hidden) != 2 or critic.n_members < 2:
             return None
         if [type(m) for m in policy.net] != [nn.Linear, nn.ReLU] * 2 + [nn.Linear]:
             return None
-        parts = [_model_parts(getattr(m, "net", None) or nn.Sequential()) for m in (dyn, rew)]
-        if None in parts or parts[0][2] != parts[1][2]:
+        if any(policy.net[i].bias is None for i in (0, 2, 4)):
             return None
+        parts = [_model_parts(m.net) for m in (dyn, rew)]
+        if parts[0] is None or parts[1] is None or parts[0][2] != parts[1][2]:
+            return None  # another form, or dynamics and reward differ in slope or eps
         modules = [dyn, rew, critic, policy]
         if any(p.requires_grad for m in modules for p in m.parameters()):
             return None
@@ -156,7 +174,8 @@ class FusedRollout:
             gamma = torch.stack([p[1][i].weight.detach() for p in parts])[:, None]  # (2, 1, H)
             beta = torch.stack([p[1][i].bias.detach() for p in parts])[:, None]
             ln.append((gamma, beta))
-        return cls(value, parts[0][2], parts[0][1][0].eps, layers, ln)
+        slope, eps = parts[0][2]
+        return cls(value, slope, eps, layers, ln)
 
     # ---------------------------------------------------------------- stacked trunks
 

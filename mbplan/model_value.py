@@ -58,8 +58,8 @@ class ModelValue:
         alpha: KL weight α of the future terms.
         fused: Evaluate with :class:`~mbplan.fused_value.FusedRollout` (same values to rounding,
             same gradient to the actions, a fraction of the ops) when the networks allow it, the
-            states need no gradient and no rollout is recorded. Its weights are copied on first
-            use: set ``fused_rollout = None`` after changing them.
+            states need no gradient and no rollout is recorded. It holds copies of the weights,
+            rebuilt when a network is swapped or any weight or buffer is changed in place.
     """
 
     def __init__(
@@ -84,15 +84,27 @@ class ModelValue:
         self.record: list[Rollout] | None = None  # set to [] to keep every rollout
         self.fused = fused
         self.fused_rollout: FusedRollout | None = None  # built on first use
+        self._fused_key: tuple | None = None  # the networks and weight versions it was built for
+
+    def _networks_key(self) -> tuple:
+        """Identity of the networks and the version of every weight and buffer (cheap)."""
+        modules = (self.dynamics, self.reward, self.critic, self.future_policy)
+        versions = tuple(
+            t._version
+            for m in modules
+            if isinstance(m, nn.Module)
+            for t in (*m.parameters(), *m.buffers())
+        )
+        return (*map(id, modules), versions)
 
     def _fused(self, states: Tensor) -> FusedRollout | None:
         """The fused evaluator when it applies to this call, else None."""
         if not self.fused or self.record is not None or states.requires_grad:
             return None
-        if self.fused_rollout is None:
-            self.fused_rollout = FusedRollout.from_value(self)
-            if self.fused_rollout is None:
-                self.fused = False  # networks of another form: never try again
+        key = self._networks_key()
+        if key != self._fused_key:  # first call, or networks swapped or changed
+            self.fused_rollout = FusedRollout.from_value(self)  # None: networks of another form
+            self._fused_key = key
         return self.fused_rollout
 
     def __call__(

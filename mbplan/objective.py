@@ -117,8 +117,10 @@ class AnchoredObjective(Objective):
 
     In planning the anchor is the amortized policy's proposal λ = f(s): the data the model was
     fitted on came from that policy, so plans far from it are where the model is least trustworthy.
-    The value uses the closed-form KL of the pre-tanh Gaussians; the per-sample values (which CEM
-    ranks) carry the matching Monte-Carlo term η·(log π_λ(a_k) − log π_anchor(a_k)).
+    The value uses the closed-form KL of the pre-tanh Gaussians. The per-sample values, which CEM
+    ranks (the base objective's are Q(s, a_k) alone, without its α·KL term), get the matching
+    single-sample term −η·(log π_λ(a_k) − log π_anchor(a_k)), whose mean over the samples
+    estimates −η·KL: samples unlikely under the anchor rank lower.
 
     Args:
         base: The objective Ĵ.

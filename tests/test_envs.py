@@ -35,8 +35,9 @@ def test_users_backend_without_its_library():
 
 
 def test_render_without_gl_is_a_one_line_user_error(monkeypatch):
-    env = envs.make_env("Pendulum-v1", seed=0)
+    env = envs.make_env("HalfCheetah-v5", seed=0)
     env.reset(seed=0)
     monkeypatch.setattr(envs, "_GL_MISSING", "no headless GL library found")
-    with pytest.raises(envs.UserError, match=r"^cannot render Pendulum-v1: no headless GL"):
+    with pytest.raises(envs.UserError, match=r"^cannot render HalfCheetah-v5: no headless GL"):
         envs.render_frame(env)
+    assert not envs._is_mujoco(envs.make_env("Pendulum-v1"))  # renders without GL: not refused

@@ -107,20 +107,21 @@ def test_sequence_starts_and_open_loop_errors():
     assert train["states"].shape[0] == 45 and held["states"].shape[0] == 5
 
 
-def _tiny_model_value(horizon, dtype=torch.float64, lam=0.9):
+def _tiny_model_value(horizon, dtype=torch.float64, lam=0.9, members=2, beta=1.0, alpha=0.1):
     torch.manual_seed(1)
     S, A = 3, 2
     dyn = Dynamics(S, A, hidden=16).to(dtype)
     rew = Reward(S, A, hidden=16).to(dtype)
     for m in (dyn, rew):
         torch.nn.init.normal_(m.net[-1].weight, std=0.3)  # non-trivial models
-    critic = EnsembleQ(S, A, hidden=16).to(dtype)
+    critic = EnsembleQ(S, A, n_members=members, hidden=16).to(dtype)
     torch.nn.init.normal_(critic.head.weight, std=0.3)
     policy = mbplan.make_planner("direct", state_dim=S, action_dim=A, hidden=16).to(dtype)
     torch.nn.init.normal_(policy.net[-1].weight, std=0.3)
     for m in (dyn, rew, critic, policy):
         m.requires_grad_(False)
-    return ModelValue(dyn, rew, critic, policy, horizon, beta=1.0, gamma=0.99, lam=lam, alpha=0.1)
+    return ModelValue(dyn, rew, critic, policy, horizon, beta=beta, gamma=0.99, lam=lam,
+                      alpha=alpha)  # fmt: skip
 
 
 def test_model_objective_gradient_matches_finite_differences():
@@ -176,25 +177,63 @@ def _randomize(value: ModelValue) -> ModelValue:
     return value
 
 
-@pytest.mark.parametrize(("horizon", "lam"), [(1, 0.9), (2, 0.0), (3, 1.0), (5, 0.9)])
-def test_fused_rollout_equals_the_autograd_rollout(horizon, lam):
-    def value_and_grad(fused):
-        value = _randomize(_tiny_model_value(horizon, lam=lam))
-        value.fused = fused
-        states = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-        actions = (0.99 * torch.rand(6, 4, 2, dtype=torch.float64) * 2 - 0.99).requires_grad_()
-        v = value(states, actions, generator=torch.Generator().manual_seed(0))
-        weights = torch.linspace(-1, 2, 24, dtype=torch.float64).reshape(6, 4)
-        (grad,) = torch.autograd.grad((v * weights).sum(), actions)
-        return v, grad, value.fused_rollout
+def _value_and_grad(value: ModelValue) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q̂_MB and a weighted gradient w.r.t. the first actions, with fixed inputs and noise."""
+    states = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(6)
+    actions = 0.99 * (2 * torch.rand(6, 4, 2, dtype=torch.float64, generator=g) - 1)
+    actions.requires_grad_()
+    v = value(states, actions, generator=torch.Generator().manual_seed(0))
+    weights = torch.linspace(-1, 2, 24, dtype=torch.float64).reshape(6, 4)
+    (grad,) = torch.autograd.grad((v * weights).sum(), actions)
+    return v.detach(), grad
 
-    torch.manual_seed(7)
-    v_ref, g_ref, none = value_and_grad(False)
-    torch.manual_seed(7)
-    v, g, fused = value_and_grad(True)
-    assert none is None and fused is not None  # the fused path ran
-    torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+
+def _assert_fused_equals_reference(value: ModelValue) -> None:
+    fused = _value_and_grad(value)
+    value.fused = False
+    reference = _value_and_grad(value)
+    value.fused = True
+    for a, b in zip(fused, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("horizon", "lam", "members", "beta", "alpha"),
+    [(1, 0.9, 2, 1.0, 0.1), (2, 0.0, 2, 1.0, 0.1), (3, 1.0, 3, 2.5, 0.3), (5, 0.9, 2, 1.0, None)],
+)
+def test_fused_rollout_equals_the_autograd_rollout(horizon, lam, members, beta, alpha):
+    alpha = torch.tensor(0.2, dtype=torch.float64) if alpha is None else alpha  # a tensor α too
+    value = _randomize(_tiny_model_value(horizon, lam=lam, members=members, beta=beta, alpha=alpha))
+    _assert_fused_equals_reference(value)
+    assert value.fused_rollout is not None  # the fused path ran
+
+
+def test_fused_rollout_follows_weight_changes_and_swaps():
+    value = _randomize(_tiny_model_value(3))
+    _assert_fused_equals_reference(value)
+    with torch.no_grad():
+        value.critic.head.bias.add_(1.0)  # in place, as an optimizer or Polyak step does
+        value.future_policy.bounds.log_scale_max.sub_(0.3)
+        value.dynamics.delta_scale.std.mul_(1.5)
+    _assert_fused_equals_reference(value)
+    policy = value.future_policy
+    value.future_policy = lambda s: policy(s)  # not a network it can fuse: the reference path
+    v_swapped = _value_and_grad(value)
+    assert value.fused_rollout is None
+    value.future_policy = policy
+    v_back = _value_and_grad(value)
+    assert value.fused_rollout is not None
+    torch.testing.assert_close(v_swapped, v_back, rtol=1e-9, atol=1e-10)
+
+
+def test_fused_rollout_rejects_networks_of_another_form():
+    value = _tiny_model_value(2)
+    value.reward.net[1].eps = 1e-3  # reward's LayerNorm eps differs from the dynamics'
+    v = _value_and_grad(value)
+    assert value.fused_rollout is None
+    value.fused = False
+    torch.testing.assert_close(v, _value_and_grad(value))
 
 
 def test_fused_rollout_only_where_it_applies():
@@ -203,10 +242,10 @@ def test_fused_rollout_only_where_it_applies():
     value.record = []  # recording needs the step-by-step rollout
     value(states, actions)
     assert value.fused_rollout is None and len(value.record) == 1
-    value.dynamics.euler = EulerSpec((0,), (1,), (0,), 0.05)  # not fused: falls back for good
+    value.dynamics.euler = EulerSpec((0,), (1,), (0,), 0.05)  # not fused: the reference path
     value.record = None
     value(states, actions)
-    assert value.fused_rollout is None and not value.fused
+    assert value.fused_rollout is None
     trained = _tiny_model_value(2)
     trained.reward.requires_grad_(True)  # weights being trained: gradients must reach them
     trained(states, actions).sum().backward()

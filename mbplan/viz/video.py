@@ -181,7 +181,7 @@ def run(opts: VideoOptions) -> None:
 
     if opts.horizon < 1 or opts.max_steps < 1 or opts.iters < 0 or opts.samples < 0:
         raise UserError("--horizon and --max-steps must be >= 1, --iters and --samples >= 0")
-    check_trust(opts.trust)
+    check_trust(opts.trust, opts.planner)
     setup = load(opts)
     H = opts.horizon
     objective, _ = model_objective(setup, H, opts.samples or None)
