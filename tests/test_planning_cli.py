@@ -68,7 +68,6 @@ def test_plan_saves_plans(run_with_model, tmp_path):
         ["--init", "nowhere"],
         ["--trust", "-1"],
         ["--trust", "nan"],
-        ["--trust", "1", "--planner", "direct"],
         ["--horizon", "0"],
         ["--iters", "-1"],
         ["--env", "HalfCheetah-v5"],

@@ -181,7 +181,7 @@ def run(opts: VideoOptions) -> None:
 
     if opts.horizon < 1 or opts.max_steps < 1 or opts.iters < 0 or opts.samples < 0:
         raise UserError("--horizon and --max-steps must be >= 1, --iters and --samples >= 0")
-    check_trust(opts.trust, opts.planner)
+    trust = check_trust(opts.trust, opts.planner)
     setup = load(opts)
     H = opts.horizon
     objective, _ = model_objective(setup, H, opts.samples or None)
@@ -196,7 +196,7 @@ def run(opts: VideoOptions) -> None:
         plans: list[dict] = []
         real_frames: list[np.ndarray] = []
         run_mpc(setup, rec, planner, objective, 1, opts.iters or None, opts.seed, init=opts.init,
-                trust=opts.trust, max_steps=opts.max_steps, plans=plans,
+                trust=trust, max_steps=opts.max_steps, plans=plans,
                 frames=real_frames)  # fmt: skip
         env.reset(seed=opts.seed)  # back to the first state, to check the pose layout on it
         layout = pose_layout(env, rec.obs[0])
