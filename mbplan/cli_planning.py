@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -14,7 +13,7 @@ import torch
 from mbplan.cli_args import option
 from mbplan.errors import UserError
 from mbplan.planners import PLANNERS
-from mbplan.planning import PLAN_INITS
+from mbplan.planning import PLAN_INITS, check_trust
 
 #: Where ``mbplan plan`` starts each plan by default: the amortized policy's proposal, refined.
 DEFAULT_INIT = "policy"
@@ -40,16 +39,6 @@ def trust_option() -> float:
     return option(DEFAULT_TRUST, "η of a trust region: plan against Ĵ − η·KL(π_λ ‖ π_policy), "
                   "keeping plans near the direct policy's proposal (0 = none; direct ignores "
                   "it)")  # fmt: skip
-
-
-def check_trust(trust: float, planner: str = "") -> float:
-    """The ``--trust`` to plan with: rejects negative or non-finite values; 0 for ``direct``.
-
-    The direct policy does not optimize Ĵ (it is the anchor), so the trust region cannot apply.
-    """
-    if not (trust >= 0 and math.isfinite(trust)):
-        raise UserError(f"--trust must be a finite number >= 0, got {trust}")
-    return 0.0 if planner == "direct" else trust
 
 
 @dataclass

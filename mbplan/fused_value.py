@@ -323,8 +323,9 @@ class FusedRollout:
                 sd = torch.sqrt(dev.square().sum(0) / (E - 1) + 1e-6)
                 terms.append(torch.add(mean, sd, alpha=-beta))  # pessimistic Q̂_t
                 coef.append(c[t])
-                step["dq"] = torch.addcdiv(torch.full_like(dev, 1 / E), dev, sd,
-                                           value=-beta / (E - 1)) * c[t]  # fmt: skip
+                if grad:  # ∂(c_t·Q̂_t)/∂Q_e, for the backward pass
+                    step["dq"] = torch.addcdiv(torch.full_like(dev, 1 / E), dev, sd,
+                                               value=-beta / (E - 1)) * c[t]  # fmt: skip
             if t < H:
                 terms.append(out[1, :, 0])  # r_t
                 coef.append(w[t])

@@ -11,6 +11,7 @@ A run folder gains two things on top of its training checkpoints:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -241,6 +242,16 @@ def planner_for(setup: Setup, name: str, objective_kind: str) -> Planner:
         raise UserError(str(exc)) from None
 
 
+def check_trust(trust: float, planner: str = "") -> float:
+    """The trust-region η to plan with: rejects negative or non-finite values; 0 for ``direct``.
+
+    The direct policy does not optimize Ĵ (it is the anchor), so the trust region cannot apply.
+    """
+    if not (trust >= 0 and math.isfinite(trust)):
+        raise UserError(f"--trust must be a finite number >= 0, got {trust}")
+    return 0.0 if planner == "direct" else trust
+
+
 # -- receding-horizon control ----------------------------------------------------------------------
 
 
@@ -296,8 +307,7 @@ def run_mpc(
     """
     if init not in PLAN_INITS:
         raise UserError(f"unknown plan start {init!r}; choose from {', '.join(PLAN_INITS)}")
-    if not (trust >= 0 and np.isfinite(trust)):
-        raise UserError(f"--trust must be a finite number >= 0, got {trust}")
+    check_trust(trust)
     generator = torch.Generator().manual_seed(seed)
     policy = setup.future_policy() if init == "policy" or trust > 0 else None
     value = objective.q_fn if isinstance(objective.q_fn, ModelValue) else None

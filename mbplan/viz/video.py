@@ -26,9 +26,10 @@ import numpy as np
 
 from mbplan.analysis import CommonOptions, load, out_path, write_json
 from mbplan.cli_args import option
-from mbplan.cli_planning import check_trust, init_option, trust_option
+from mbplan.cli_planning import init_option, trust_option
 from mbplan.errors import UserError
 from mbplan.planners import PLANNERS
+from mbplan.planning import check_trust
 
 #: Frames per second at most (envs with a small dt play slower than real time).
 MAX_FPS = 60
