@@ -269,10 +269,10 @@ class FusedRollout:
         raw_grad = torch.sigmoid(soft) * torch.sigmoid(self.log_scale_max - raw)
         return actions, log_prob, _PolicyTape(h1, h2, pre_grad, kl_pre_grad, scale_eps, raw_grad)
 
-    def _policy_backward(self, g_action: Tensor, g_kl: Tensor, tape: _PolicyTape) -> Tensor:
+    def _policy_backward(self, g_action: Tensor, g_kl: float, tape: _PolicyTape) -> Tensor:
         """State gradient [N, S] from ∂/∂a [N, A] and the KL term's constant adjoint ``g_kl``."""
         g_pre = torch.addcmul(tape.kl_pre_grad, g_action, tape.pre_grad)  # (N, A)
-        g_raw = torch.addcmul(-g_kl, g_pre, tape.scale_eps) * tape.raw_grad  # via log σ
+        g_raw = (g_pre * tape.scale_eps).sub_(g_kl).mul_(tape.raw_grad)  # via log σ
         w1, w2, w3 = self.policy_w
         g = aten.threshold_backward(torch.cat([g_pre, g_raw], -1).mm(w3), tape.h2, 0)
         g = aten.threshold_backward(g.mm(w2), tape.h1, 0)
@@ -351,8 +351,7 @@ class FusedRollout:
         for step in reversed(tape):
             trunk, t = step["trunk"], step["t"]
             if "policy" in step:  # a_{t+1} and its KL term came from the future policy on s_{t+1}
-                g_kl = torch.tensor(step["g_kl"], dtype=actions.dtype, device=actions.device)
-                g_state = g_state + self._policy_backward(g_action, g_kl, step["policy"])
+                g_state = g_state + self._policy_backward(g_action, step["g_kl"], step["policy"])
             g_out = g_state.new_zeros(trunk.hi - trunk.lo, N, n_state)  # (m, N, S)
             if trunk.lo == 0:
                 g_out[0] = g_state  # s_{t+1} = s_t + Δ_t
