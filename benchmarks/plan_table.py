@@ -5,13 +5,15 @@ the same seeds for every cell. Cells are saved one JSON file each as they finish
 be killed and rerun; finished cells are skipped. Writes ``plan_table.csv`` and ``plan_table.md``.
 
     python benchmarks/plan_table.py                      # bundled default, 3 episodes × 200 steps
+    python benchmarks/plan_table.py --trust 0 1          # without and with the trust region
     python benchmarks/plan_table.py --checkpoint RUN --episodes 3 --max-steps 1000
 
 Cells: iterative (its own N), adam 5 and 50, cem 5 and 50 iterations, direct; each at H = 1, 2, 5
 and from two starts (see CONTENDERS; the 50-iteration cells cost seconds per action here, so their
 episodes are cut at ``--heavy-max-steps``, default 100; the table states episodes × steps per
 cell); then the zero-shot transfer rows (iterative optimizer fitted on the model-free objective,
-planning against Ĵ_MB at H = 5).
+planning against Ĵ_MB at H = 5). ``--trust`` is ``mbplan plan``'s η (default the same); every cell
+is kept per η, and the table lists the requested ones. The cheap cells run first.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from mbplan.cli_planning import checkpoint_or_default
+from mbplan.cli_planning import DEFAULT_TRUST, checkpoint_or_default
 from mbplan.envs import make_env
 from mbplan.perf import tune_malloc
-from mbplan.planning import load_setup, model_objective, planner_for, run_mpc
+from mbplan.planning import check_trust, load_setup, model_objective, planner_for, run_mpc
 
 #: (label, planner, iterations (None = the planner's default), where each plan starts: ``prior`` =
 #: the planner's fixed λ_0, ``previous`` = the previous step's λ (the usual MPC warm start; from the
@@ -57,15 +59,16 @@ TRANSFER = [
 
 
 def run_cell(
-    setup, planner, horizon: int, iters: int | None, init: str, max_steps: int, args
+    setup, planner, horizon: int, iters: int | None, init: str, max_steps: int, trust: float, args
 ) -> dict:
     """Return mean ± std, ms/action and Ĵ improvement of one planner at one horizon."""
     objective, _ = model_objective(setup, horizon)
     env = make_env(setup.config["env"], seed=args.seed)
     start = time.perf_counter()
     stats = run_mpc(setup, env, planner, objective, args.episodes, iters, args.seed,
-                    max_steps=max_steps or None, init=init)  # fmt: skip
+                    max_steps=max_steps or None, init=init, trust=trust)  # fmt: skip
     return {
+        "trust": trust,
         "horizon": horizon,
         "iters": iters if iters is not None else planner.default_iters,
         "init": init,
@@ -99,6 +102,13 @@ def main() -> None:
         help="compute only the cells of these planners (iterative adam cem direct transfer); "
         "the table still lists every finished cell",
     )
+    p.add_argument(
+        "--trust",
+        type=float,
+        nargs="+",
+        default=[DEFAULT_TRUST],
+        help="trust-region η of the cells (mbplan plan --trust; direct ignores it)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/plan_table")
@@ -109,11 +119,19 @@ def main() -> None:
     out = Path(args.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
 
-    cells = [(*c, H) for H in args.horizons for c in CONTENDERS]
-    cells += [(*c, max(args.horizons)) for c in TRANSFER]
-    rows = []
-    for label, name, iters, init, short, H in cells:
-        path = out / "cells" / f"{label.replace(' ', '_').replace(',', '')}-H{H}.json"
+    cells = [(*c, H, eta) for eta in args.trust for H in args.horizons for c in CONTENDERS]
+    cells += [(*c, max(args.horizons), eta) for eta in args.trust for c in TRANSFER]
+    order = sorted(range(len(cells)), key=lambda i: cells[i][4])  # the cheap cells first
+    rows: dict[int, dict] = {}
+    seen = set()
+    for i in order:
+        label, name, iters, init, short, H, eta = cells[i]
+        eta = check_trust(eta, name)  # direct: 0 (one cell serves every η)
+        stem = f"{label.replace(' ', '_').replace(',', '')}-H{H}"
+        path = out / "cells" / f"{stem}-trust{eta:g}.json"
+        if path in seen:
+            continue
+        seen.add(path)
         if path.exists():
             row = {"init": init, **json.loads(path.read_text())}
         elif args.only is not None and name not in args.only:
@@ -126,28 +144,31 @@ def main() -> None:
             else:
                 planner = planner_for(setup, name, "model")
             steps = args.heavy_max_steps if short else args.max_steps
-            row = {"planner": label, **run_cell(setup, planner, H, iters, init, steps, args)}
+            row = {"planner": label, **run_cell(setup, planner, H, iters, init, steps, eta, args)}
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(row, indent=1))
             tmp.replace(path)
-        rows.append(row)
-        print(f"{label:34s} H={H}  return {row['return_mean']:8.1f} ± {row['return_std']:6.1f}  "
-              f"{row['ms_per_action']:8.1f} ms/action  ΔĴ {row['improvement']:7.3f}",
-              flush=True)  # fmt: skip
+        rows[i] = row
+        print(f"{label:34s} H={H} η={eta:g}  return {row['return_mean']:8.1f} ± "
+              f"{row['return_std']:6.1f}  {row['ms_per_action']:8.1f} ms/action  "
+              f"ΔĴ {row['improvement']:7.3f}", flush=True)  # fmt: skip
+    rows = [rows[i] for i in sorted(rows)]  # the table keeps the listed order
 
-    fields = ["planner", "init", "horizon", "iters", "episodes", "steps_per_episode", "return_mean",
-              "return_std", "ms_per_action", "improvement", "wall_seconds"]  # fmt: skip
+    fields = ["planner", "init", "trust", "horizon", "iters", "episodes", "steps_per_episode",
+              "return_mean", "return_std", "ms_per_action", "improvement",
+              "wall_seconds"]  # fmt: skip
     with open(out / "plan_table.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     lines = [
-        "| planner | start | iters | H | episodes × steps | return (mean ± std) | ms/action "
-        "| Ĵ(λ_I) − Ĵ(λ_0) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| planner | start | trust η | iters | H | episodes × steps | return (mean ± std) "
+        "| ms/action | Ĵ(λ_I) − Ĵ(λ_0) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['planner']} | {r['init']} | {r['iters']} | {r['horizon']} | "
+        lines.append(f"| {r['planner']} | {r['init']} | {r['trust']:g} | {r['iters']} | "
+                     f"{r['horizon']} | "
                      f"{r['episodes']} × {r['steps_per_episode']} | "
                      f"{r['return_mean']:.1f} ± {r['return_std']:.1f} | "
                      f"{r['ms_per_action']:.1f} | {r['improvement']:.3f} |")  # fmt: skip
