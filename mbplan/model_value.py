@@ -59,7 +59,11 @@ class ModelValue:
         fused: Evaluate with :class:`~mbplan.fused_value.FusedRollout` (same values to rounding,
             same gradient to the actions, a fraction of the ops) when the networks allow it, the
             states need no gradient and no rollout is recorded. It holds copies of the weights,
-            rebuilt when a network is swapped or any weight or buffer is changed in place.
+            rebuilt when a network is swapped or any weight or buffer is changed in place. A
+            change made through another tensor that aliases the weights (e.g. the flat buffer of
+            :func:`mbplan.models.flat.flatten_into`) does not bump their version and is not seen:
+            build a new ``ModelValue`` after such updates, as :meth:`mbplan.agent.Agent.objective`
+            does on every call.
     """
 
     def __init__(
