@@ -2,8 +2,9 @@
 
 Random-weight twin critic, dynamics, reward and direct future policy (the cost does not depend on
 the weights). Prints ms per action for each planner at the given horizon, and where the time goes
-for the iterative optimizer: objective evaluations with gradient vs the optimizer network, each
-network of one rollout step (forward + input gradient on K rows), and the matrix products alone
+for the iterative optimizer: the same plan as one function (eager, and torch.compile'd as
+``mbplan plan --compile`` runs it), objective evaluations with gradient vs the optimizer network,
+each network of one rollout step (forward + input gradient on K rows), and the matrix products alone
 (the floor an implementation that removed every other op would still pay).
 
     python benchmarks/plan_latency.py --horizon 5 --iters 5 --samples 10
@@ -12,11 +13,13 @@ network of one rollout step (forward + input gradient on K rows), and the matrix
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
 import mbplan
 from mbplan.bench.overhead import median_seconds
+from mbplan.fast_plan import FastIterativePlan
 from mbplan.model_value import ModelValue
 from mbplan.models.critic import EnsembleQ
 from mbplan.models.dynamics import Dynamics, Reward
@@ -31,6 +34,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--planners", nargs="+", default=["direct", "iterative", "adam", "cem"])
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip the compiled iterative plan (it compiles for 1–3 minutes)",
+    )
     args = p.parse_args()
     tune_malloc()
     torch.set_num_threads(args.threads)
@@ -64,6 +72,8 @@ def main() -> None:
             times.append(median_seconds(act, args.repeats))
         print(f"{name:9s} I={iters:<3d} {1e3 * times[0]:8.2f} ms/action (median) "
               f"[autograd {1e3 * times[1]:.2f} ms, {times[1] / times[0]:.2f}×]")  # fmt: skip
+        if name == "iterative":
+            fast_rows(planner, objective, state, times[0], args)
 
     # Where the iterative optimizer's time goes
     dist = mbplan.TanhNormal.initial(1, A)
@@ -79,6 +89,25 @@ def main() -> None:
     print(f"iterative: Ĵ_MB + gradient {1e3 * t_eval:.2f} ms [autograd {1e3 * t_ref:.2f} ms], "
           f"optimizer network {1e3 * t_net:.2f} ms per iteration")  # fmt: skip
     breakdown(nets, policy, args)
+
+
+def fast_rows(planner, objective, state, t_loop: float, args) -> None:
+    """The same plan as one function (mbplan.fast_plan): eager, and compiled (plan --compile)."""
+    variants = [("one function", False)] + ([] if args.no_compile else [("compiled", True)])
+    for label, compile in variants:
+        fast = FastIterativePlan(planner, compile=compile)
+        g = torch.Generator().manual_seed(0)
+        start = time.perf_counter()
+        fast.plan(objective, state, n_iters=args.iters, generator=g)  # compiles when asked
+        first = time.perf_counter() - start
+
+        def act(fast=fast, g=g):
+            return fast.plan(objective, state, n_iters=args.iters, generator=g).dist.mode()
+
+        t = median_seconds(act, args.repeats)
+        note = f"; first call {first:.1f} s (compiling)" if compile else ""
+        print(f"  iterative as {label:12s} {1e3 * t:8.2f} ms/action (median), "
+              f"{t_loop / t:.2f}× the planner loop{note}")  # fmt: skip
 
 
 def breakdown(nets, policy, args) -> None:

@@ -263,6 +263,7 @@ class PlanStats:
     ms_per_action: float
     improvement: float
     steps: int
+    compile_seconds: float = 0.0
 
 
 def run_mpc(
@@ -280,6 +281,7 @@ def run_mpc(
     plans: list | None = None,
     frames: list | None = None,
     trust: float = 0.0,
+    compile: bool = False,
 ) -> PlanStats:
     """Plan λ at every real state against ``objective``, act, repeat.
 
@@ -304,6 +306,10 @@ def run_mpc(
         trust: η of a trust region around the policy's proposal: plan against
             Ĵ − η·KL(π_λ ‖ π_f(s)) (:class:`~mbplan.objective.AnchoredObjective`); 0 = none. The
             reported improvement is measured on Ĵ itself.
+        compile: Run an iterative planner's plans through
+            :class:`~mbplan.fast_plan.FastIterativePlan` with ``torch.compile`` (compiled before
+            the first episode, untimed; ``compile_seconds`` of the result says how long it took).
+            Other planners, and steps whose rollouts are recorded, plan as usual.
     """
     if init not in PLAN_INITS:
         raise UserError(f"unknown plan start {init!r}; choose from {', '.join(PLAN_INITS)}")
@@ -311,6 +317,9 @@ def run_mpc(
     generator = torch.Generator().manual_seed(seed)
     policy = setup.future_policy() if init == "policy" or trust > 0 else None
     value = objective.q_fn if isinstance(objective.q_fn, ModelValue) else None
+    plan, compile_seconds = planner.plan, 0.0
+    if compile and isinstance(planner, IterativePlanner):
+        plan, compile_seconds = _compiled_plan(setup, planner, objective, policy, trust)
     returns, times, improvements = [], [], []
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)
@@ -331,10 +340,8 @@ def run_mpc(
                     prev = proposal
                 if trust > 0:
                     target = AnchoredObjective(objective, proposal, trust)
-            result = planner.plan(
-                target, state, init=prev, n_iters=iters,
-                generator=generator, record_objective=False,
-            )  # fmt: skip
+            result = plan(target, state, init=prev, n_iters=iters, generator=generator,
+                          record_objective=False)  # fmt: skip
             dist = result.dist
             action = dist.rsample(1, generator)[0][0] if stochastic else dist.mode()
             action = action.reshape(-1).numpy()
@@ -373,7 +380,31 @@ def run_mpc(
         ms_per_action=1e3 * float(np.mean(times)),
         improvement=float(np.mean(finite)) if finite else float("nan"),
         steps=len(times),
+        compile_seconds=compile_seconds,
     )
+
+
+def _compiled_plan(setup: Setup, planner: IterativePlanner, objective: Objective, policy, trust):
+    """(plan function, seconds to compile it): the planner's plan as one compiled function."""
+    from mbplan.fast_plan import FastIterativePlan
+
+    fast = FastIterativePlan(planner, compile=True)
+
+    def plan(objective, states, init, n_iters, generator, record_objective=False):
+        return fast.plan(objective, states, init, n_iters, generator)
+
+    state = torch.zeros(1, setup.state_dim)  # compile for one state, with the episode's settings
+    target = objective
+    if trust > 0:
+        with torch.no_grad():
+            target = AnchoredObjective(objective, policy(state), trust)
+    start = time.perf_counter()
+    try:
+        fast.plan(target, state, generator=torch.Generator().manual_seed(0))
+    except Exception as e:  # inductor needs a working C++ compiler
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--compile failed (torch.compile needs a C++ compiler): {first}") from e
+    return plan, time.perf_counter() - start
 
 
 # -- fitting ---------------------------------------------------------------------------------------

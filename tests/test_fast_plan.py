@@ -1,0 +1,74 @@
+"""FastIterativePlan: the iterative planner's plan as one function equals Planner.plan."""
+
+import pytest
+import torch
+from test_models import _randomize, _tiny_model_value
+
+import mbplan
+from mbplan.distributions import TanhNormal
+from mbplan.fast_plan import FastIterativePlan
+from mbplan.objective import AnchoredObjective
+
+
+def _setup(dtype=torch.float64, horizon=3, alpha=0.1):
+    value = _randomize(_tiny_model_value(horizon, dtype=dtype, alpha=alpha))
+    objective = mbplan.make_objective(value, alpha=alpha, n_samples=4, state_dim=3, action_dim=2)
+    planner = mbplan.make_planner("iterative", state_dim=3, action_dim=2, hidden=16).to(dtype)
+    with torch.no_grad():  # a non-trivial optimizer (its last layer starts at zero)
+        torch.nn.init.normal_(planner.net[-1].weight, std=0.3)
+    planner.requires_grad_(False)
+    states = torch.randn(3, 3, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    return objective, planner, states
+
+
+def _assert_same_plan(planner, objective, states, init, fast, tol):
+    kwargs = {"init": init, "n_iters": 4}
+    ref = planner.plan(objective, states, **kwargs, generator=torch.Generator().manual_seed(9),
+                       record_objective=False)  # fmt: skip
+    out = fast.plan(objective, states, **kwargs, generator=torch.Generator().manual_seed(9))
+    for a, b in ((out.trace.loc, ref.trace.loc), (out.trace.log_scale, ref.trace.log_scale),
+                 (out.trace.objective[:-1], ref.trace.objective[:-1])):  # fmt: skip
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert torch.isnan(out.trace.objective[-1]).all()  # Ĵ(λ_I) is not evaluated
+    torch.testing.assert_close(out.dist.loc, ref.dist.loc, rtol=tol, atol=tol)
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1])
+@pytest.mark.parametrize("trust", [0.0, 0.7])
+def test_fast_plan_equals_the_planner_loop(alpha, trust):
+    objective, planner, states = _setup(alpha=alpha)
+    init = None
+    if trust:
+        g = torch.Generator().manual_seed(4)
+        like = {"generator": g, "dtype": torch.float64}
+        anchor = TanhNormal(0.5 * torch.randn(3, 2, **like), -1 + 0.3 * torch.randn(3, 2, **like))
+        objective, init = AnchoredObjective(objective, anchor, trust), anchor
+    assert FastIterativePlan.applies(objective, states) is not None
+    out = _assert_same_plan(planner, objective, states, init, FastIterativePlan(planner), 1e-9)
+    assert (out.trace.loc[-1] != out.trace.loc[0]).any()  # the plan moved
+
+
+def test_fast_plan_falls_back_where_it_does_not_apply(quadratic):
+    q_fn, _ = quadratic(3, 2, dtype=torch.float64)
+    objective = mbplan.make_objective(q_fn, alpha=0.1, n_samples=4, state_dim=3, action_dim=2)
+    _, planner, states = _setup()
+    assert FastIterativePlan.applies(objective, states) is None
+    _assert_same_plan(planner, objective, states, None, FastIterativePlan(planner), 0.0)
+
+
+def test_fast_plan_rejects_bad_input():
+    objective, planner, states = _setup()
+    fast = FastIterativePlan(planner)
+    with pytest.raises(ValueError, match="n_iters"):
+        fast.plan(objective, states, n_iters=0)
+    with pytest.raises(ValueError, match="NaN"):
+        fast.plan(objective, states.clone().fill_(float("nan")))
+
+
+@pytest.mark.slow
+def test_compiled_fast_plan_equals_the_planner_loop():
+    """torch.compile of one round (inductor, float32): equal to rounding over the first rounds."""
+    objective, planner, states = _setup(dtype=torch.float32, horizon=2)
+    _assert_same_plan(planner, objective, states, None, FastIterativePlan(planner, compile=True),
+                      1e-3)  # fmt: skip
