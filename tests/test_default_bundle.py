@@ -28,6 +28,13 @@ def test_plan_runs_on_the_default(planner):
     assert f"{planner} H=2: return" in out.stdout and "ms/action" in out.stdout
 
 
+def test_plan_compiled_on_the_default():
+    out = run_cli("plan", "--planner", "iterative", "--horizon", 2, "--episodes", 1, "--max-steps",
+                  3, "--compile", "--threads", 1)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "iterative H=2: return" in out.stdout and "compiled the plan in" in out.stdout
+
+
 def test_transfer_runs_on_the_default():
     out = run_cli("transfer", "--episodes", 1, "--max-steps", 3, "--threads", 1)
     assert out.returncode == 0, out.stderr[-3000:]
