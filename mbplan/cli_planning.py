@@ -425,5 +425,6 @@ def transfer_cmd(opts: TransferOptions) -> None:
                         trust=trust, compile=opts.compile)  # fmt: skip
         mean = statistics.fmean(stats.returns)
         std = statistics.pstdev(stats.returns) if len(stats.returns) > 1 else 0.0
+        compiled = f"  (compiled in {stats.compile_seconds:.1f} s)" if stats.compile_seconds else ""
         print(f"{name:36s} return {mean:9.1f} ± {std:7.1f}  {stats.ms_per_action:7.1f} ms/action  "
-              f"Ĵ(λ_I) − Ĵ(λ_0) {stats.improvement:7.3f}")  # fmt: skip
+              f"Ĵ(λ_I) − Ĵ(λ_0) {stats.improvement:7.3f}{compiled}")  # fmt: skip
