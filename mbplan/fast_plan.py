@@ -15,7 +15,7 @@ its arithmetic. Here the same computation is one function of tensors:
   plan compiles it (about a minute on a 2-core CPU; inductor caches the result on disk, so later
   processes take less).
 
-Used by ``mbplan plan --fast`` and ``benchmarks/plan_latency.py``. It applies to the iterative
+Used by ``mbplan plan --compile`` and ``benchmarks/plan_latency.py``. It applies to the iterative
 planner on a :class:`~mbplan.model_value.ModelValue` objective that takes the fused rollout;
 :meth:`FastIterativePlan.applies` says whether it does.
 
@@ -57,7 +57,7 @@ class FastIterativePlan:
     def applies(objective: Objective, states: Tensor) -> FusedRollout | None:
         """The fused rollout the plan would run on, or None where the fast path does not apply."""
         base = objective.base if isinstance(objective, AnchoredObjective) else objective
-        if type(base) is not Objective or not isinstance(base.q_fn, ModelValue):
+        if type(base) is not Objective or type(base.q_fn) is not ModelValue:
             return None
         if type(objective) not in (Objective, AnchoredObjective) or states.requires_grad:
             return None
@@ -179,8 +179,9 @@ def value_and_grad(
     kl = (log_prob - log_scale.sum(-1) - uniform_log_prob(A)).mean(0)  # (B,)
     value = q.view(K, B).mean(0) - alpha * kl
     # ∂/∂u_k of mean_K Q − α·mean_K log π, u = μ + σ·ε; the clamp passes |tanh| ≤ 1 − eps
-    pass_through = one_minus * (tanh.abs() <= 1 - ACTION_EPS)
-    g_u = (dq * pass_through - (2 * alpha) * tanh * one_minus / log_det_arg) / K
+    # (where, not a product with the mask: a non-finite ∂Q̂/∂a of a clamped sample contributes 0)
+    dq_u = torch.where(tanh.abs() <= 1 - ACTION_EPS, dq * one_minus, 0.0)
+    g_u = (dq_u - (2 * alpha) * tanh * one_minus / log_det_arg) / K
     grad_loc = g_u.sum(0)
     grad_log_scale = (g_u * scale_eps).sum(0) + alpha  # −α·∂(−log σ)/∂log σ, per dim
     return value, grad_loc, grad_log_scale

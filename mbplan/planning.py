@@ -309,7 +309,7 @@ def run_mpc(
         compile: Run an iterative planner's plans through
             :class:`~mbplan.fast_plan.FastIterativePlan` with ``torch.compile`` (compiled before
             the first episode, untimed; ``compile_seconds`` of the result says how long it took).
-            Other planners, and steps whose rollouts are recorded, plan as usual.
+            Other planners, and runs that record the rollouts (``plans``), plan as usual.
     """
     if init not in PLAN_INITS:
         raise UserError(f"unknown plan start {init!r}; choose from {', '.join(PLAN_INITS)}")
@@ -318,7 +318,7 @@ def run_mpc(
     policy = setup.future_policy() if init == "policy" or trust > 0 else None
     value = objective.q_fn if isinstance(objective.q_fn, ModelValue) else None
     plan, compile_seconds = planner.plan, 0.0
-    if compile and isinstance(planner, IterativePlanner):
+    if compile and isinstance(planner, IterativePlanner) and plans is None:  # records: the loop
         plan, compile_seconds = _compiled_plan(setup, planner, objective, policy, trust)
     returns, times, improvements = [], [], []
     for ep in range(episodes):

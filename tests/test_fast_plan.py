@@ -6,7 +6,7 @@ from test_models import _randomize, _tiny_model_value
 
 import mbplan
 from mbplan.distributions import TanhNormal
-from mbplan.fast_plan import FastIterativePlan
+from mbplan.fast_plan import FastIterativePlan, value_and_grad
 from mbplan.objective import AnchoredObjective
 
 
@@ -47,6 +47,35 @@ def test_fast_plan_equals_the_planner_loop(alpha, trust):
     assert FastIterativePlan.applies(objective, states) is not None
     out = _assert_same_plan(planner, objective, states, init, FastIterativePlan(planner), 1e-9)
     assert (out.trace.loc[-1] != out.trace.loc[0]).any()  # the plan moved
+
+
+def test_fast_plan_gradient_ignores_non_finite_values_of_clamped_samples(monkeypatch):
+    """As autograd's clamp backward: a clamped sample adds 0 even where ∂Q̂/∂a is not finite."""
+    objective, planner, states = _setup()
+    fused = FastIterativePlan.applies(objective, states)
+    backward = type(fused).backward
+
+    def nan_where_clamped(self, tape, actions, n_state):
+        g = backward(self, tape, actions, n_state)
+        return torch.where(actions.abs() >= 1 - 1e-6, torch.nan, g)
+
+    monkeypatch.setattr(type(fused), "backward", nan_where_clamped)
+    dist = TanhNormal(
+        torch.full((3, 2), 0.3, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64)
+    )
+    dist.loc[:, 0] = 7.0  # most samples of dim 0 are clamped
+    g = torch.Generator().manual_seed(1)
+    _, grad_loc, grad_log_scale = planner.value_and_grad(objective, states, dist, g)
+    K, B, A, H = 4, 3, 2, 3
+    g = torch.Generator().manual_seed(1)
+    eps0 = torch.randn(K, B, A, generator=g, dtype=torch.float64)
+    eps_future = torch.stack([torch.randn((1, K * B, A), generator=g, dtype=torch.float64)[0]
+                              for _ in range(H)])  # fmt: skip
+    _, fast_loc, fast_log_scale = value_and_grad(fused, states, dist.loc, dist.log_scale, eps0,
+                                                 eps_future, 0.1)  # fmt: skip
+    assert torch.isfinite(grad_loc).all() and grad_loc[:, 0].abs().sum() > 0
+    torch.testing.assert_close(fast_loc, grad_loc, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(fast_log_scale, grad_log_scale, rtol=1e-9, atol=1e-10)
 
 
 def test_fast_plan_falls_back_where_it_does_not_apply(quadratic):

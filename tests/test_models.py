@@ -1,5 +1,7 @@
 """Dynamics and reward models, Retrace, and the model-based objective (DESIGN.md §6)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -225,6 +227,14 @@ def test_fused_rollout_follows_weight_changes_and_swaps():
     v_back = _value_and_grad(value)
     assert value.fused_rollout is not None
     torch.testing.assert_close(v_swapped, v_back, rtol=1e-9, atol=1e-10)
+    # Tensors replaced (not changed in place) and a submodule swapped inside a network
+    state = {k: 1.5 * t for k, t in value.critic.state_dict().items()}
+    value.critic.load_state_dict(state, assign=True)
+    _assert_fused_equals_reference(value)
+    value.dynamics.net[-1] = copy.deepcopy(value.dynamics.net[-1]).requires_grad_(False)
+    with torch.no_grad():
+        value.dynamics.net[-1].weight.mul_(0.5)
+    _assert_fused_equals_reference(value)
 
 
 def test_fused_rollout_rejects_networks_of_another_form():
