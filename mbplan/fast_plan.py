@@ -51,7 +51,7 @@ class FastIterativePlan:
     def __init__(self, planner: IterativePlanner, compile: bool = False):
         self.planner = planner
         self.compile = compile
-        self._fns: dict[tuple, object] = {}  # (fused rollout, α, η) → the (compiled) round
+        self._fns: dict[tuple, object] = {}  # (rollout, α, rollout α, η) → the (compiled) round
 
     @staticmethod
     def applies(objective: Objective, states: Tensor) -> FusedRollout | None:
@@ -98,12 +98,12 @@ class FastIterativePlan:
             eps_future.append(torch.stack([
                 torch.randn((1, K * B, A), generator=generator, **like)[0] for _ in range(H)
             ]))  # fmt: skip
-        alpha = float(base.alpha)
+        alpha, rollout_alpha = float(base.alpha), float(base.q_fn.alpha)
         if isinstance(objective, AnchoredObjective):
             anchor, eta = objective.anchor, float(objective.weight)
         else:
             anchor, eta = dist, 0.0
-        round_ = self._function(fused, alpha, eta)
+        round_ = self._function(fused, alpha, rollout_alpha, eta)
         values, locs, log_scales = [], [dist.loc], [dist.log_scale]
         with torch.no_grad():
             for k in range(n_iters):
@@ -127,14 +127,16 @@ class FastIterativePlan:
         )
         return PlanResult(TanhNormal(locs[-1], log_scales[-1]), trace, None)
 
-    def _function(self, fused: FusedRollout, alpha: float, eta: float):
+    def _function(self, fused: FusedRollout, alpha: float, rollout_alpha: float, eta: float):
         """One round as a function of tensors, compiled on first use when asked."""
-        key = (id(fused), alpha, eta)
+        key = (id(fused), alpha, rollout_alpha, eta)
         if key not in self._fns:
             self._fns.clear()  # one at a time: a new rollout (new weights) replaces the old
 
+            alphas = (alpha, rollout_alpha)
+
             def round_(states, loc, log_scale, eps0, eps_future, anchor_loc, anchor_log_scale):
-                return _round(self.planner, fused, alpha, eta, states, loc, log_scale, eps0,
+                return _round(self.planner, fused, alphas, eta, states, loc, log_scale, eps0,
                               eps_future, anchor_loc, anchor_log_scale)  # fmt: skip
 
             self._fns[key] = torch.compile(round_, dynamic=False) if self.compile else round_
@@ -149,6 +151,7 @@ def value_and_grad(
     eps0: Tensor,
     eps_future: Tensor,
     alpha: float,
+    rollout_alpha: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Ĵ_MB(s, λ) = mean_K Q̂_MB(s, a_k) − α·KL̂ and its gradient to λ, without autograd.
 
@@ -159,7 +162,8 @@ def value_and_grad(
         log_scale: log σ of λ, [B, A].
         eps0: The noise of a_k = clamp(tanh(μ + σ·ε_k)), [K, B, A].
         eps_future: The rollout's noise ε_1 … ε_H, [H, K·B, A].
-        alpha: α.
+        alpha: α of the objective's KL term.
+        rollout_alpha: α of the rollout's future KL terms (default the ``ModelValue``'s).
 
     Returns:
         (Ĵ [B], ∂Ĵ/∂μ [B, A], ∂Ĵ/∂log σ [B, A]).
@@ -172,7 +176,8 @@ def value_and_grad(
     log_det_arg = one_minus + LOGDET_EPS
     actions = tanh.clamp(-1 + ACTION_EPS, 1 - ACTION_EPS)
     s = states.expand(K, B, S).reshape(K * B, S)
-    q, tape = fused.forward(s, actions.reshape(K * B, A), list(eps_future.unbind(0)), True)
+    q, tape = fused.forward(s, actions.reshape(K * B, A), list(eps_future.unbind(0)), True,
+                            rollout_alpha)  # fmt: skip
     dq = fused.backward(tape, actions.reshape(K * B, A), S).view(K, B, A)  # ∂Q̂/∂a_k
     # log π(a_k) − log p(a_k), summed over A, without the constants' gradient
     log_prob = (-0.5 * eps0.square() - _LOG_SQRT_2PI - torch.log(log_det_arg)).sum(-1)
@@ -190,7 +195,7 @@ def value_and_grad(
 def _round(
     planner: IterativePlanner,
     fused: FusedRollout,
-    alpha: float,
+    alphas: tuple[float, float],
     eta: float,
     states: Tensor,
     loc: Tensor,
@@ -202,11 +207,13 @@ def _round(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One round: Ĵ (− η·KL to the anchor) and its gradient at λ_k, then λ_{k+1}.
 
+    ``alphas``: (α of the objective, α of the rollout's future steps).
+
     Returns:
         (Ĵ(λ_k) [B], μ_{k+1} [B, A], log σ_{k+1} [B, A]).
     """
     value, grad_loc, grad_log_scale = value_and_grad(
-        fused, states, loc, log_scale, eps0, eps_future, alpha
+        fused, states, loc, log_scale, eps0, eps_future, *alphas
     )
     if eta:  # − η·KL(π_λ ‖ π_anchor), the closed form of the pre-tanh Gaussians
         diff = loc - anchor_loc

@@ -299,12 +299,21 @@ class FusedRollout:
         return [torch.randn(shape, generator=generator, **like)[0] for _ in range(H)]
 
     def forward(
-        self, states: Tensor, actions: Tensor, noise: list[Tensor], grad: bool = True
+        self,
+        states: Tensor,
+        actions: Tensor,
+        noise: list[Tensor],
+        grad: bool = True,
+        alpha: float | None = None,
     ) -> tuple[Tensor, list]:
-        """Q̂_MB for rows states [N, S], actions [N, A], noise ε_1 … ε_H: values [N], tape."""
+        """Q̂_MB for rows states [N, S], actions [N, A], noise ε_1 … ε_H: values [N], tape.
+
+        ``alpha`` (the future steps' KL weight) defaults to the value's; pass it as a float to keep
+        a tensor α's ``float()`` out of compiled code.
+        """
         v = self.value
         H, beta = v.horizon, v.beta
-        alpha = float(v.alpha)
+        alpha = float(v.alpha) if alpha is None else alpha
         w, c, k = self.coefficients()
         E = self.layers[0].w.shape[0] - N_MODEL
         s, a = states, actions
