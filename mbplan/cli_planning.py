@@ -116,6 +116,10 @@ class PlanOptions:
 
 
 def _threads(n: int) -> None:
+    """Process settings of a compute command: torch threads (n > 0) and glibc's malloc tuning."""
+    from mbplan.perf import tune_malloc
+
+    tune_malloc()  # ~20% off a compiled plan's step in an env loop (measured 27 → 22 ms)
     if n > 0:
         torch.set_num_threads(n)
 
