@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -315,6 +316,10 @@ def plan_cmd(opts: PlanOptions) -> None:
     check_env_matches(env_spec(env), setup.config["env_spec"])
     plans: list | None = [] if opts.save_plans else None
     frames: list | None = [] if opts.video else None
+    if opts.compile and (opts.planner != "iterative" or opts.save_plans):
+        why = "--save-plans records rollouts" if opts.save_plans else f"{opts.planner} has none"
+        print(f"note: --compile compiles the iterative planner's plan ({why}); planning "
+              "uncompiled", file=sys.stderr)  # fmt: skip
     limit = opts.max_steps or env_spec(env).max_episode_steps or 1000
     bar = tqdm(
         total=opts.episodes * limit, unit="step", desc=f"plan {opts.planner}", mininterval=1.0

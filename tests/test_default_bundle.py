@@ -33,6 +33,9 @@ def test_plan_compiled_on_the_default():
                   3, "--compile", "--threads", 1)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "iterative H=2: return" in out.stdout and "compiled the plan in" in out.stdout
+    out = run_cli("plan", "--planner", "direct", "--episodes", 1, "--max-steps", 2, "--compile")
+    assert out.returncode == 0 and "compiled" not in out.stdout, out.stderr[-3000:]
+    assert "note: --compile compiles the iterative planner's plan (direct has none)" in out.stderr
 
 
 def test_transfer_runs_on_the_default():
