@@ -29,7 +29,14 @@ import time
 import torch
 from torch import Tensor
 
-from mbplan.distributions import _LOG_SQRT_2PI, ACTION_EPS, LOGDET_EPS, TanhNormal, uniform_log_prob
+from mbplan.distributions import (
+    _LOG_SQRT_2PI,
+    ACTION_EPS,
+    LOGDET_EPS,
+    TanhNormal,
+    kl_between,
+    uniform_log_prob,
+)
 from mbplan.fused_value import FusedRollout
 from mbplan.model_value import ModelValue
 from mbplan.objective import AnchoredObjective, Objective
@@ -89,15 +96,13 @@ class FastIterativePlan:
         start = time.perf_counter()
         base = objective.base if isinstance(objective, AnchoredObjective) else objective
         B, A = dist.loc.shape
-        K, H = base.n_samples, base.q_fn.horizon
+        K = base.n_samples
         like = {"dtype": dist.loc.dtype, "device": dist.loc.device}
         # Noise in the order the loop draws it: per round, a_0's ε, then ε_1 … ε_H of the rollout
         eps0, eps_future = [], []
         for _ in range(n_iters):
             eps0.append(torch.randn(K, B, A, generator=generator, **like))
-            eps_future.append(torch.stack([
-                torch.randn((1, K * B, A), generator=generator, **like)[0] for _ in range(H)
-            ]))  # fmt: skip
+            eps_future.append(torch.stack(fused.noise(torch.empty(K * B, A, **like), generator)))
         alpha, rollout_alpha = float(base.alpha), float(base.q_fn.alpha)
         if isinstance(objective, AnchoredObjective):
             anchor, eta = objective.anchor, float(objective.weight)
@@ -215,16 +220,11 @@ def _round(
     value, grad_loc, grad_log_scale = value_and_grad(
         fused, states, loc, log_scale, eps0, eps_future, *alphas
     )
-    if eta:  # − η·KL(π_λ ‖ π_anchor), the closed form of the pre-tanh Gaussians
-        diff = loc - anchor_loc
-        anchor_var = torch.exp(2 * anchor_log_scale)
-        var_ratio = torch.exp(2 * (log_scale - anchor_log_scale))
-        kl = (anchor_log_scale - log_scale + 0.5 * (var_ratio + diff.square() / anchor_var)
-              - 0.5).sum(-1)  # fmt: skip
-        value = value - eta * kl
-        grad_loc = grad_loc - eta * diff / anchor_var
-        grad_log_scale = grad_log_scale - eta * (var_ratio - 1)
     dist = TanhNormal(loc, log_scale)
+    if eta:  # − η·KL(π_λ ‖ π_anchor), the closed form of the pre-tanh Gaussians, and its gradient
+        value = value - eta * kl_between(dist, TanhNormal(anchor_loc, anchor_log_scale))
+        grad_loc = grad_loc - eta * (loc - anchor_loc) / torch.exp(2 * anchor_log_scale)
+        grad_log_scale = grad_log_scale - eta * (torch.exp(2 * (log_scale - anchor_log_scale)) - 1)
     new = planner.propose(states, dist, grad_loc.nan_to_num(0, 0, 0),
                           grad_log_scale.nan_to_num(0, 0, 0))  # fmt: skip
     new = _keep_finite(new, dist)
