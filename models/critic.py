@@ -10,6 +10,10 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+# Rows per block of the frozen critics' fused evaluation: the block's activations stay in cache.
+_FROZEN_CHUNK = 512
 
 
 class EnsembleLinear(nn.Module):
@@ -52,6 +56,52 @@ class _EnsembleHead(torch.autograd.Function):
         return gx, gw, gb
 
 
+class _FrozenActionGrad(torch.autograd.Function):
+    """Q-values of frozen critics whose only gradient is to the actions, computed with its Jacobian.
+
+    Ĵ differentiates the frozen target critics with respect to the actions only. Each member's
+    q_e is a scalar per row, so ∂q_e/∂a [E, N, A] costs one backward pass with unit gradient; doing
+    it in the forward, block by block, keeps each block's activations in cache, skips autograd's
+    saved activations, and gives the first layer's input gradient for the A action columns only
+    (not all S + A). The backward is then Σ_e g_e·∂q_e/∂a. ReLU masks use
+    ``threshold_backward``, one pass each. First-order only (``once_differentiable``): a second
+    derivative through it raises instead of silently being 0.
+    """
+
+    @staticmethod
+    def forward(ctx, actions: Tensor, states: Tensor, module: EnsembleQ) -> Tensor:
+        E, S = module.n_members, module.state_dim
+        x = torch.cat([states, actions], -1)  # (N, S+A)
+        weights = [layer.weight for layer in module.hidden]  # [E, in, out] each
+        biases = [layer.bias for layer in module.hidden]
+        w_head, b_head = module.head.weight, module.head.bias  # (E, H, 1), (E, 1, 1)
+        back = [w.transpose(1, 2) for w in weights[1:]]  # (E, out, in): ∂/∂input of layers 2..
+        back_first = weights[0][:, S:].transpose(1, 2)  # (E, H, A): action columns only
+        grad_head = w_head.transpose(1, 2)  # (E, 1, H)
+        N = x.shape[0]
+        q = x.new_empty(E, N)
+        jac = x.new_empty(E, N, actions.shape[-1])
+        for i in range(0, N, _FROZEN_CHUNK):
+            h = x[i : i + _FROZEN_CHUNK].expand(E, -1, -1)  # (E, n, S+A)
+            hs = []
+            for w, b in zip(weights, biases, strict=True):
+                h = torch.baddbmm(b, h, w).relu_()  # (E, n, H)
+                hs.append(h)
+            q[:, i : i + _FROZEN_CHUNK] = torch.baddbmm(b_head, h, w_head).squeeze(-1)
+            g = torch.ops.aten.threshold_backward(grad_head.expand_as(h), h, 0)  # ∂q/∂pre-act
+            for wt, h_in in zip(reversed(back), reversed(hs[:-1]), strict=True):
+                g = torch.ops.aten.threshold_backward(torch.bmm(g, wt), h_in, 0)
+            torch.bmm(g, back_first, out=jac[:, i : i + _FROZEN_CHUNK])  # (E, n, A)
+        ctx.save_for_backward(jac)
+        return q
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        (jac,) = ctx.saved_tensors
+        return torch.einsum("en,ena->na", g, jac), None, None
+
+
 class EnsembleQ(nn.Module):
     """E Q-networks Q_e(s, a): input [s, a], ``n_hidden`` × ``hidden`` ReLU, last layer U(±3e-3).
 
@@ -90,9 +140,24 @@ class EnsembleQ(nn.Module):
             [E, ...] values.
         """
         lead = actions.shape[:-1]
-        x = torch.cat([states.expand(*lead, states.shape[-1]), actions], -1)
+        states = states.expand(*lead, states.shape[-1])
+        if self._frozen_action_grad(states, actions):
+            q = _FrozenActionGrad.apply(
+                actions.reshape(-1, actions.shape[-1]), states.reshape(-1, states.shape[-1]), self
+            )  # (E, N)
+            return q.reshape(self.n_members, *lead)
+        x = torch.cat([states, actions], -1)
         x = x.reshape(-1, x.shape[-1])  # (N, S+A)
         for layer in self.hidden:
             x = layer(x).relu_()  # (E, N, hidden); in place: baddbmm keeps its input, not output
         q = _EnsembleHead.apply(x, self.head.weight, self.head.bias)  # (E, N)
         return q.reshape(self.n_members, *lead)  # (E, ...)
+
+    def _frozen_action_grad(self, states: Tensor, actions: Tensor) -> bool:
+        """Whether the only gradient wanted is to the actions (Ĵ on frozen target critics)."""
+        return (
+            torch.is_grad_enabled()
+            and actions.requires_grad
+            and not states.requires_grad
+            and not any(p.requires_grad for p in self.parameters())
+        )

@@ -293,3 +293,33 @@ def test_critic_gradients_equal_the_plain_formulation():
         grads.append([p.grad.clone() for p in critic.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1024, 3])
+def test_frozen_critic_action_gradient_equals_autograd(monkeypatch, chunk):
+    """Frozen critics differentiated to the actions only (Ĵ): the fused Jacobian path, any block."""
+    monkeypatch.setattr("mbplan.models.critic._FROZEN_CHUNK", chunk)
+    torch.manual_seed(0)
+    critic = EnsembleQ(5, 3, hidden=8).double()
+    frozen = copy.deepcopy(critic).requires_grad_(False)
+    states = torch.randn(4, 5, dtype=torch.float64)
+    actions = torch.randn(7, 4, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 7, 4, dtype=torch.float64)
+    q_frozen = frozen(states, actions)
+    assert q_frozen.grad_fn is not None and "FrozenActionGrad" in str(q_frozen.grad_fn.next_functions)
+    q_plain = critic(states, actions)  # trainable weights: autograd's path
+    torch.testing.assert_close(q_frozen, q_plain, rtol=1e-12, atol=1e-12)
+    (g_frozen,) = torch.autograd.grad((weight * q_frozen).sum(), actions)
+    (g_plain,) = torch.autograd.grad((weight * q_plain).sum(), actions)
+    torch.testing.assert_close(g_frozen, g_plain, rtol=1e-12, atol=1e-12)
+    flat = actions.detach().reshape(-1, 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: frozen(states.repeat(7, 1), a), (flat,))
+    # A second derivative through it raises instead of silently being zero.
+    (g,) = torch.autograd.grad(frozen(states, actions).sum(), actions, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), actions)
+    # Gradients to the states, or no gradient at all, take the plain path.
+    s = states.clone().requires_grad_()
+    torch.testing.assert_close(frozen(s, actions), q_plain)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(states, actions), q_plain.detach())
