@@ -59,7 +59,8 @@ def mlp_backward_macs(sizes: list[int], weight_grads: bool, input_grad: int) -> 
     """
     pairs = list(itertools.pairwise(sizes))
     macs = mlp_macs(sizes) if weight_grads else 0
-    macs += sum(a * b for a, b in pairs[1:])  # gradients to the hidden activations
+    # Gradients to the hidden activations; a one-output head's is an outer product, not a matmul.
+    macs += sum(a * b for a, b in pairs[1:] if b > 1)
     return macs + input_grad * pairs[0][1]
 
 
@@ -140,6 +141,8 @@ def main() -> None:
     p.add_argument("--skip-sb3", action="store_true", help="do not run stable-baselines3")
     p.add_argument("--json", default="", help="also write the results here")
     args = p.parse_args()
+    if min(args.updates, args.iter_updates) < 3:
+        p.error("--updates and --iter-updates must be >= 3")
     tune_malloc()
     S, A, B = 17, 6, 256
     results: dict = {"threads": torch.get_num_threads()}

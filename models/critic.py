@@ -10,7 +10,6 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 # Rows per block of the frozen critics' fused evaluation: the block's activations stay in cache.
 _FROZEN_CHUNK = 512
@@ -64,8 +63,9 @@ class _FrozenActionGrad(torch.autograd.Function):
     it in the forward, block by block, keeps each block's activations in cache, skips autograd's
     saved activations, and gives the first layer's input gradient for the A action columns only
     (not all S + A). The backward is then Σ_e g_e·∂q_e/∂a. ReLU masks use
-    ``threshold_backward``, one pass each. First-order only (``once_differentiable``): a second
-    derivative through it raises instead of silently being 0.
+    ``threshold_backward``, one pass each. Second derivatives stay exact: with frozen weights the
+    Jacobian is piecewise constant in the actions (ReLU masks), so the backward, linear in g, is
+    differentiable as written.
     """
 
     @staticmethod
@@ -96,10 +96,9 @@ class _FrozenActionGrad(torch.autograd.Function):
         return q
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g: Tensor):
         (jac,) = ctx.saved_tensors
-        return torch.einsum("en,ena->na", g, jac), None, None
+        return (g.unsqueeze(-1) * jac).sum(0), None, None  # (N, A)
 
 
 class EnsembleQ(nn.Module):
@@ -157,6 +156,7 @@ class EnsembleQ(nn.Module):
         """Whether the only gradient wanted is to the actions (Ĵ on frozen target critics)."""
         return (
             torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(actions.device.type)
             and actions.requires_grad
             and not states.requires_grad
             and not any(p.requires_grad for p in self.parameters())
