@@ -73,21 +73,19 @@ class _FrozenActionGrad(torch.autograd.Function):
         E, S = module.n_members, module.state_dim
         x = torch.cat([states, actions], -1)  # (N, S+A)
         weights = [layer.weight for layer in module.hidden]  # [E, in, out] each
-        biases = [layer.bias for layer in module.hidden]
-        w_head, b_head = module.head.weight, module.head.bias  # (E, H, 1), (E, 1, 1)
         back = [w.transpose(1, 2) for w in weights[1:]]  # (E, out, in): ∂/∂input of layers 2..
         back_first = weights[0][:, S:].transpose(1, 2)  # (E, H, A): action columns only
-        grad_head = w_head.transpose(1, 2)  # (E, 1, H)
+        grad_head = module.head.weight.transpose(1, 2)  # (E, 1, H)
         N = x.shape[0]
         q = x.new_empty(E, N)
         jac = x.new_empty(E, N, actions.shape[-1])
         for i in range(0, N, _FROZEN_CHUNK):
-            h = x[i : i + _FROZEN_CHUNK].expand(E, -1, -1)  # (E, n, S+A)
+            h = x[i : i + _FROZEN_CHUNK]  # (n, S+A), shared by the members
             hs = []
-            for w, b in zip(weights, biases, strict=True):
-                h = torch.baddbmm(b, h, w).relu_()  # (E, n, H)
+            for layer in module.hidden:
+                h = layer(h).relu_()  # (E, n, H)
                 hs.append(h)
-            q[:, i : i + _FROZEN_CHUNK] = torch.baddbmm(b_head, h, w_head).squeeze(-1)
+            q[:, i : i + _FROZEN_CHUNK] = module.head(h).squeeze(-1)
             g = torch.ops.aten.threshold_backward(grad_head.expand_as(h), h, 0)  # ∂q/∂pre-act
             for wt, h_in in zip(reversed(back), reversed(hs[:-1]), strict=True):
                 g = torch.ops.aten.threshold_backward(torch.bmm(g, wt), h_in, 0)
