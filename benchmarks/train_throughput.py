@@ -2,12 +2,13 @@
 
 Measures whole training steps (act + env step + replay + one update of batch 256) after the random
 warm-up, for:
-  * mbplan direct with K = 1 (SAC's own setting) vs SB3 SAC (same settings) -> env steps/s, ratio;
+  * mbplan direct with K = 1 (SAC's own setting) vs SB3 SAC (same settings) -> env steps/s, ratio,
+    in alternating rounds so that both see this VM's speed drift alike;
   * mbplan direct and iterative at the paper's settings (K = 10, N = 5): ms per update (the update
     alone, timed around ``Agent.update``; the whole step is printed beside it) and the fraction of
     this CPU's measured GEMM peak it reaches (multiply-adds per update / time / peak).
 
-    python benchmarks/train_throughput.py                 # everything (~5 minutes on 2 cores)
+    python benchmarks/train_throughput.py                 # everything (~8 minutes on 2 cores)
     python benchmarks/train_throughput.py --skip-sb3 --updates 500
 """
 
@@ -132,6 +133,70 @@ def measure_mbplan(agent: str, K: int, N: int, warmup: int, updates: int, seed: 
     }
 
 
+def compare_with_sb3(
+    rounds: int, warmup: int, updates: int, seed: int, skip_sb3: bool, batch_size: int
+) -> dict:
+    """Direct K = 1 against SB3 SAC, in alternating rounds (mbplan, SB3, mbplan, SB3, ...).
+
+    This VM's speed drifts by ±15% over minutes; alternating whole measurements lets both sides
+    see the same drift. Each round is a full measurement (fresh run, ``warmup`` random steps, then
+    ``updates`` timed steps). The summary is the ratio of pooled rates (total timed steps over total
+    seconds) and the median of the per-round ratios.
+    """
+    sb3_reference = None
+    if not skip_sb3:
+        import sb3_reference  # optional peer: imported only when compared
+
+    ours_rounds: list[dict] = []
+    sb3_rounds: list[dict] = []
+    for r in range(rounds):
+        ours = measure_mbplan("direct", 1, 1, warmup, updates, seed + r)
+        ours_rounds.append(ours)
+        line = (f"round {r + 1}/{rounds}: mbplan direct K=1 {ours['env_steps_per_s']:6.1f} "
+                f"env steps/s ({ours['ms_per_step']:.2f} ms/step)")  # fmt: skip
+        if sb3_reference is not None:
+            sb3 = sb3_reference.measure_sb3_sac(
+                "HalfCheetah-v5", warmup, updates, batch_size, seed=seed + r
+            )
+            if sb3 is None:
+                print("stable-baselines3 not installed (pip install stable-baselines3): no ratio")
+                sb3_reference = None
+            else:
+                sb3_rounds.append(sb3)
+                ratio = ours["env_steps_per_s"] / sb3["env_steps_per_s"]
+                line += (f"  SB3 SAC {sb3['env_steps_per_s']:6.1f} ({sb3['ms_per_step']:.2f} "
+                         f"ms/step)  ratio {ratio:.2f}x")  # fmt: skip
+        print(line, flush=True)
+
+    def pooled(rs: list[dict], key: str) -> float:
+        return sum(x[key] for x in rs) / sum(x[key] / x["env_steps_per_s"] for x in rs)
+
+    rate = pooled(ours_rounds, "steps")
+    out: dict = {"mbplan_direct_k1": {
+        "env_steps_per_s": rate,
+        "ms_per_step": 1e3 / rate,
+        "ms_per_update": statistics.fmean(x["ms_per_update"] for x in ours_rounds),
+        "rounds": ours_rounds,
+    }}  # fmt: skip
+    print(f"mbplan direct K=1      {rate:7.1f} env steps/s  ({1e3 / rate:.2f} ms/step, "
+          f"{rounds} rounds pooled)")  # fmt: skip
+    if sb3_rounds:
+        sb3_rate = pooled(sb3_rounds, "timed_steps")
+        per_round = [
+            o["env_steps_per_s"] / s["env_steps_per_s"]
+            for o, s in zip(ours_rounds, sb3_rounds, strict=True)
+        ]
+        out["sb3_sac"] = {"env_steps_per_s": sb3_rate, "ms_per_step": 1e3 / sb3_rate,
+                          "rounds": sb3_rounds}  # fmt: skip
+        out["ratio_vs_sb3"] = rate / sb3_rate
+        out["ratio_vs_sb3_per_round"] = per_round
+        print(f"SB3 SAC                {sb3_rate:7.1f} env steps/s  ({1e3 / sb3_rate:.2f} ms/step)")
+        print(f"ratio mbplan / SB3     {rate / sb3_rate:7.2f}x   (target >= 1.5x; per round "
+              f"{', '.join(f'{x:.2f}' for x in per_round)}, median "
+              f"{statistics.median(per_round):.2f})")  # fmt: skip
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--warmup", type=int, default=5000, help="random steps before updates")
@@ -139,10 +204,18 @@ def main() -> None:
     p.add_argument("--iter-updates", type=int, default=200, help="timed steps for iterative")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-sb3", action="store_true", help="do not run stable-baselines3")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="alternating mbplan/SB3 rounds (K=1)",
+    )
     p.add_argument("--json", default="", help="also write the results here")
     args = p.parse_args()
     if min(args.updates, args.iter_updates) < 3:
         p.error("--updates and --iter-updates must be >= 3")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     tune_malloc()
     S, A, B = 17, 6, 256
     results: dict = {"threads": torch.get_num_threads()}
@@ -151,23 +224,8 @@ def main() -> None:
         f"HalfCheetah-v5, batch {B}, one update per env step, "
         f"timed after {args.warmup} random steps"
     )
-    ours = measure_mbplan("direct", 1, 1, args.warmup, args.updates, args.seed)
-    results["mbplan_direct_k1"] = ours
-    print(f"mbplan direct K=1      {ours['env_steps_per_s']:7.1f} env steps/s  "
-          f"({ours['ms_per_step']:.2f} ms/step)")  # fmt: skip
-    if not args.skip_sb3:
-        from sb3_reference import measure_sb3_sac
-
-        sb3 = measure_sb3_sac("HalfCheetah-v5", args.warmup, args.updates, B, seed=args.seed)
-        if sb3 is None:
-            print("stable-baselines3 not installed (pip install stable-baselines3): no ratio")
-        else:
-            results["sb3_sac"] = sb3
-            ratio = ours["env_steps_per_s"] / sb3["env_steps_per_s"]
-            results["ratio_vs_sb3"] = ratio
-            print(f"SB3 SAC                {sb3['env_steps_per_s']:7.1f} env steps/s  "
-                  f"({sb3['ms_per_step']:.2f} ms/step)")  # fmt: skip
-            print(f"ratio mbplan / SB3     {ratio:7.2f}x   (target >= 1.5x)")
+    k1 = compare_with_sb3(args.rounds, args.warmup, args.updates, args.seed, args.skip_sb3, B)
+    results.update(k1)
 
     peak = gemm_peak()
     results["gemm_peak_gmacs"] = peak / 1e9
