@@ -51,6 +51,9 @@ class ReplayBuffer:
             "next_states": torch.zeros(capacity, state_dim),
             "terminated": torch.zeros(capacity),
         }
+        # NumPy views of the same memory: one env step's writes cost ~1 µs each this way,
+        # against ~15 µs for a torch indexing assignment.
+        self._np = {f: t.numpy() for f, t in self.data.items()}
         self.pos = 0  # next slot to write
         self.size = 0
 
@@ -59,12 +62,12 @@ class ReplayBuffer:
 
     def add(self, state, action, reward: float, next_state, terminated: bool) -> None:
         """Store one transition (array-likes of shape [S], [A], [S])."""
-        i = self.pos
-        self.data["states"][i] = torch.as_tensor(state, dtype=torch.float32)
-        self.data["actions"][i] = torch.as_tensor(action, dtype=torch.float32)
-        self.data["rewards"][i] = float(reward)
-        self.data["next_states"][i] = torch.as_tensor(next_state, dtype=torch.float32)
-        self.data["terminated"][i] = float(terminated)
+        i, data = self.pos, self._np
+        data["states"][i] = state
+        data["actions"][i] = action
+        data["rewards"][i] = float(reward)
+        data["next_states"][i] = next_state
+        data["terminated"][i] = float(terminated)
         self.pos = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 

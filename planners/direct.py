@@ -53,21 +53,25 @@ class DirectPlanner(AmortizedPlanner):
         """SAC's −Ĵ(s, f_φ(s)) + bound penalty, without the planning loop's bookkeeping.
 
         Same value as the generic loss with I = 1 (one network call, one objective evaluation);
-        the returned trace holds λ_1 and Ĵ(λ_1) only (Ĵ(λ_0) is NaN: not evaluated).
+        the returned trace (detached) holds λ_1 and Ĵ(λ_1) only (Ĵ(λ_0) is NaN: not evaluated).
         """
         dist = self(states)
         final = objective(states, dist, generator=generator)
         J = final.value  # (B,)
-        weight = torch.ones_like(J) if mask is None else mask.to(J.dtype)  # (B,)
-        total = (J * weight).sum() / weight.sum().clamp_min(1.0)
-        nan = torch.full_like(J, torch.nan).detach()
-        trace = PlanTrace(
-            objective=torch.stack([nan, J]),  # (2, B)
-            loc=torch.stack([torch.zeros_like(dist.loc), dist.loc]),
-            log_scale=torch.stack([torch.zeros_like(dist.loc), dist.log_scale]),
-            n_evals=torch.zeros(2),
-            elapsed=torch.zeros(2),
-        )
+        if mask is None:
+            total = J.mean()
+        else:
+            weight = mask.to(J.dtype)  # (B,)
+            total = (J * weight).sum() / weight.sum().clamp_min(1.0)
+        with torch.no_grad():  # the record: no graph
+            zeros = torch.zeros_like(dist.loc)
+            trace = PlanTrace(
+                objective=torch.stack([torch.full_like(J, torch.nan), J]),  # (2, B)
+                loc=torch.stack([zeros, dist.loc]),
+                log_scale=torch.stack([zeros, dist.log_scale]),
+                n_evals=torch.zeros(2),
+                elapsed=torch.zeros(2),
+            )
         return -total + self.bounds.penalty(), PlanResult(dist, trace, final)
 
     def step(
