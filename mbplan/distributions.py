@@ -91,12 +91,7 @@ class TanhNormal:
         eps = torch.randn(
             n_samples, B, A, generator=generator, dtype=self.loc.dtype, device=self.loc.device
         )  # (K, B, A)
-        pre_tanh = self.loc + self.log_scale.exp() * eps
-        tanh = torch.tanh(pre_tanh)
-        log_det = torch.log(1 - tanh.square() + LOGDET_EPS)  # (K, B, A)
-        log_prob = (-0.5 * eps.square() - _LOG_SQRT_2PI - log_det).sum(-1) - self.log_scale.sum(-1)
-        actions = tanh.clamp(-1 + ACTION_EPS, 1 - ACTION_EPS)
-        return actions, pre_tanh, log_prob
+        return _SampleLogProb.apply(self.loc, self.log_scale, eps)
 
     def log_prob(self, pre_tanh: Tensor) -> Tensor:
         """log π(a|s) of a = tanh(u) from the pre-tanh value u [K, B, A]; returns [K, B]."""
@@ -104,6 +99,50 @@ class TanhNormal:
         normal = -0.5 * z.square() - self.log_scale - _LOG_SQRT_2PI  # (K, B, A)
         log_det = torch.log(1 - torch.tanh(pre_tanh).square() + LOGDET_EPS)
         return (normal - log_det).sum(-1)
+
+
+class _SampleLogProb(torch.autograd.Function):
+    """(loc [B, A], log σ [B, A], ε [K, B, A]) → (a, u [K, B, A], log π(a|s) [K, B]) in one node.
+
+    u = μ + σ·ε, a = clamp(tanh u), log π = Σ_A (−ε²/2 − log √(2π) − log(1 − tanh²u + δ) − log σ).
+    Autograd would record ~15 nodes for these few [K, B, A] ops; on a CPU each costs more than its
+    arithmetic. The backward is the same chain rule written out:
+    ∂/∂u = g_a·(1 − t²)·[|t| ≤ 1 − eps] + g_u + g_logπ·2t(1 − t²)/(1 − t² + δ), t = tanh u;
+    ∂/∂μ = Σ_K ∂/∂u; ∂/∂log σ = σ·Σ_K ε·∂/∂u − Σ_K g_logπ. It recomputes t from the saved output u
+    with differentiable ops, so second derivatives stay exact.
+    """
+
+    @staticmethod
+    def forward(ctx, loc: Tensor, log_scale: Tensor, eps: Tensor):
+        pre_tanh = loc + log_scale.exp() * eps  # (K, B, A)
+        tanh = torch.tanh(pre_tanh)
+        log_det = torch.log(1 - tanh.square() + LOGDET_EPS)  # (K, B, A)
+        log_prob = (-0.5 * eps.square() - _LOG_SQRT_2PI - log_det).sum(-1) - log_scale.sum(-1)
+        actions = tanh.clamp(-1 + ACTION_EPS, 1 - ACTION_EPS)
+        ctx.save_for_backward(log_scale, eps, pre_tanh)
+        ctx.set_materialize_grads(False)
+        return actions, pre_tanh, log_prob
+
+    @staticmethod
+    def backward(ctx, g_actions: Tensor | None, g_pre: Tensor | None, g_log_prob: Tensor | None):
+        log_scale, eps, pre_tanh = ctx.saved_tensors
+        tanh = torch.tanh(pre_tanh)
+        one_minus = 1 - tanh.square()  # (K, B, A)
+        g = torch.zeros_like(pre_tanh) if g_pre is None else g_pre  # ∂/∂u, (K, B, A)
+        if g_actions is not None:  # tanh, then clamp: passes the gradient inside its range only
+            # (``where``, not a 0/1 product, so a non-finite gradient at a clamped action is cut)
+            g = g + torch.where(tanh.abs() <= 1 - ACTION_EPS, g_actions, 0.0) * one_minus
+        if g_log_prob is not None:  # −log(1 − tanh²u + δ)
+            g = g + g_log_prob.unsqueeze(-1) * (2 * tanh * one_minus / (one_minus + LOGDET_EPS))
+        scale = log_scale.exp()
+        g_loc = g.sum(0) if ctx.needs_input_grad[0] else None  # (B, A)
+        g_log_scale = None
+        if ctx.needs_input_grad[1]:
+            g_log_scale = (g * eps).sum(0) * scale
+            if g_log_prob is not None:
+                g_log_scale = g_log_scale - g_log_prob.sum(0).unsqueeze(-1)
+        g_eps = g * scale if ctx.needs_input_grad[2] else None
+        return g_loc, g_log_scale, g_eps
 
 
 def kl_between(p: TanhNormal, q: TanhNormal) -> Tensor:
