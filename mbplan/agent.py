@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mbplan import fused_sac
 from mbplan.distributions import TanhNormal, kl_between, target_kl, uniform_log_prob
 from mbplan.model_value import ModelValue
 from mbplan.models.critic import EnsembleQ
@@ -106,6 +107,9 @@ class Agent(nn.Module):
                 self._trained += list(extra.parameters())
         self._n_critic = sum(p.numel() for p in self.critic.parameters())
         self._flatten()
+        #: Use the hand-written gradients of :mod:`mbplan.fused_sac` where they apply (direct,
+        #: model-free, K = 1); False forces autograd (same values to rounding).
+        self.fused_update = True
 
     def _flatten(self) -> None:
         """(Re)build the flat parameter buffers and the optimizer over them."""
@@ -131,6 +135,10 @@ class Agent(nn.Module):
             self._flatten()
             self.optim.load_state_dict(state)
         return self
+
+    @property
+    def _fused_grads(self) -> bool:
+        return self.fused_update and fused_sac.supports(self)
 
     @property
     def alpha(self) -> Tensor:
@@ -200,6 +208,22 @@ class Agent(nn.Module):
             Detached scalar metrics: critic/actor/alpha losses, α, KL, mean critic target, and for
             the iterative agent the improvement Ĵ(λ_N) − Ĵ(λ_0).
         """
+        flat = self._flat["trained"]
+        if self._fused_grads:
+            metrics = fused_sac.direct_update_grads(self, batch, generator)  # writes every grad
+        else:
+            flat.grad.zero_()
+            metrics = self._autograd_grads(batch, generator)
+        self.optim.step()
+
+        # Target critics (the critic's parameters come first in the flat buffer)
+        with torch.no_grad():
+            self._flat["target"].lerp_(flat[: self._n_critic], self.config.tau)
+        metrics["alpha"] = self.alpha
+        return metrics
+
+    def _autograd_grads(self, batch: Batch, generator: torch.Generator | None) -> dict[str, Tensor]:
+        """The update's losses, and their gradients accumulated into ``.grad`` by autograd."""
         # Critic: regress on the one-step model-free target
         target = self.critic_target(batch, generator)
         critic_loss = self.critic_loss(batch, target)
@@ -223,21 +247,13 @@ class Agent(nn.Module):
                 extra["distill_loss"] = kl_between(teacher, self.distilled(batch.states)).mean()
                 total = total + extra["distill_loss"]
 
-        # One backward and one fused step for all (disjoint parameters)
-        flat = self._flat["trained"]
-        flat.grad.zero_()
+        # One backward for all (disjoint parameters)
         total.backward()
-        self.optim.step()
-
-        # Target critics (the critic's parameters come first in the flat buffer)
-        with torch.no_grad():
-            self._flat["target"].lerp_(flat[: self._n_critic], self.config.tau)
 
         metrics = {
             "critic_loss": critic_loss.detach(),
             "actor_loss": actor_loss.detach(),
             "alpha_loss": alpha_loss.detach(),
-            "alpha": self.alpha,
             "kl": kl,
             "q_target": target.mean(),
         }

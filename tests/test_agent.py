@@ -207,3 +207,53 @@ def test_iterative_update_returns_finite_metrics():
     assert any(not torch.equal(o, p) for o, p in zip(before, agent.planner.parameters()))
     action = agent.act(torch.zeros(S).numpy(), deterministic=False, generator=g)
     assert action.shape == (A,) and (abs(action) < 1).all()
+
+
+def _perturbed_k1_agent(seed: int) -> Agent:
+    """A direct K = 1 agent in float64 whose zero-initialised heads and bounds are randomised."""
+    torch.manual_seed(seed)
+    agent = Agent(S, A, AgentConfig(agent="direct", n_samples=1, beta=1.5)).double()
+    with torch.no_grad():
+        for p in [*agent.planner.net[-1].parameters(), *agent.planner.bounds.parameters()]:
+            p.add_(0.5 * torch.randn_like(p))
+        agent.planner.net[-1].bias[0] = 12.0  # dim 0 saturates: its clamp cuts the gradient
+        for p in agent.target_critic.parameters():
+            p.mul_(1.3)
+        agent.log_alpha.fill_(-0.7)
+    return agent
+
+
+def test_fused_direct_update_equals_autograd():
+    from mbplan import fused_sac
+
+    fused, plain = _perturbed_k1_agent(0), _perturbed_k1_agent(0)
+    plain.fused_update = False
+    assert fused_sac.supports(fused) and not plain._fused_grads
+    for step in range(3):
+        batch = make_batch(64, seed=step, terminated=[step % 2, 0, 1] + [0] * 61)
+        batch = Batch(*(t.double() for t in (batch.states, batch.actions, batch.rewards,
+                                              batch.next_states, batch.terminated)))  # fmt: skip
+        fused._flat["trained"].grad.fill_(torch.nan)  # every gradient must be written, not added
+        m_fused = fused.update(batch, torch.Generator().manual_seed(step))
+        m_plain = plain.update(batch, torch.Generator().manual_seed(step))
+        torch.testing.assert_close(
+            fused._flat["trained"].grad, plain._flat["trained"].grad, rtol=1e-9, atol=1e-12
+        )
+        assert m_fused.keys() == m_plain.keys()
+        for k in m_plain:
+            torch.testing.assert_close(m_fused[k], m_plain[k], rtol=1e-9, atol=1e-12)
+    for a, b in zip(fused.state_dict().values(), plain.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_direct_update_applies_only_where_it_is_exact():
+    from mbplan import fused_sac
+
+    assert fused_sac.supports(Agent(S, A, AgentConfig(agent="direct", n_samples=1)))
+    for config in (AgentConfig(agent="direct", n_samples=4),
+                   AgentConfig(agent="iterative", n_samples=1),
+                   AgentConfig(agent="direct", n_samples=1, value="model")):  # fmt: skip
+        assert not fused_sac.supports(Agent(S, A, config))
+    agent = Agent(S, A, AgentConfig(agent="direct", n_samples=1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused_sac.supports(agent)
