@@ -30,7 +30,6 @@ from mbplan.distributions import (
     uniform_log_prob,
 )
 from mbplan.models.critic import EnsembleQ, head_values
-from mbplan.objective import pessimistic
 
 if TYPE_CHECKING:
     from mbplan.agent import Agent
@@ -109,61 +108,62 @@ def direct_update_grads(
         Detached scalar metrics, as :meth:`Agent.update` reports them.
     """
     cfg, planner, A = agent.config, agent.planner, agent.action_dim
-    net, bounds = planner.net, planner.bounds
+    net, bounds, critic = planner.net, planner.bounds, agent.target_critic
     states = batch.states
     B = states.shape[0]
+    noise = {"generator": generator, "dtype": states.dtype, "device": states.device}
     with torch.no_grad():
         alpha = agent.alpha
-        # Critic target y = r + γ(1 − d)[Q̂_β(s', a') − α·KL̂], a' ~ π(·|s')
-        next_dist = planner(batch.next_states)
-        eps = torch.randn(1, B, A, generator=generator, dtype=states.dtype, device=states.device)
-        next_actions, _, next_log_prob = _SampleLogProb.apply(
-            next_dist.loc, next_dist.log_scale, eps
-        )
-        next_kl = next_log_prob[0] - uniform_log_prob(A)  # (B,)
-        next_q = agent.target_critic(batch.next_states, next_actions[0])  # (E, B)
-        soft = pessimistic(next_q, cfg.beta) - alpha * next_kl
-        target = batch.rewards + cfg.gamma * (1.0 - batch.terminated) * soft  # (B,)
-
-        critic_loss = _critic_grads(agent.critic, states, batch.actions, target)
-
-        # Policy: λ = f_φ(s), a = clamp(tanh(μ + σ·ε)), Ĵ = Q̂_β(s, a) − α·KL̂ on the target critics
-        out, h1, h2 = _policy_forward(net, states)
-        loc, raw = out[:, :A], out[:, A:]  # (B, A) each
+        # One pass of the policy and the frozen target critics over [s; s'] (2B rows): the policy
+        # loss needs a ~ π(·|s) and Q̂_β(s, a) with its action gradient (first B rows), the critic
+        # target a' ~ π(·|s') and Q̂_β(s', a') (last B rows). Noise drawn in the autograd path's
+        # order: a' first.
+        eps_next = torch.randn(1, B, A, **noise)
+        eps = torch.randn(1, B, A, **noise)
+        both = torch.cat([states, batch.next_states])  # (2B, S)
+        out, h1, h2 = _policy_forward(net, both)  # (2B, 2A), (2B, H), (2B, H)
+        loc, raw = out[:, :A], out[:, A:]  # (2B, A) each
         d1 = bounds.log_scale_max - raw  # the soft clamp of log σ (LogScaleBounds)
         upper = bounds.log_scale_max - F.softplus(d1)
         d2 = upper - bounds.log_scale_min
         log_scale = bounds.log_scale_min + F.softplus(d2)
-        eps = torch.randn(1, B, A, generator=generator, dtype=states.dtype, device=states.device)
-        actions, pre_tanh, log_prob = _SampleLogProb.apply(loc, log_scale, eps)
-        kl = log_prob[0] - uniform_log_prob(A)  # (B,)
-        q, jac = agent.target_critic.values_and_action_jacobian(states, actions[0])  # (E,B),(E,A,B)
-        E = q.shape[0]
-        mean = q.mean(0)
-        std = ((q - mean).square().sum(0) / (E - 1) + 1e-6).sqrt()
-        J = mean - cfg.beta * std - alpha * kl  # (B,)
-        penalty = bounds.penalty()
-        actor_loss = -J.mean() + penalty
+        actions, pre_tanh, log_prob = _SampleLogProb.apply(
+            loc, log_scale, torch.cat([eps, eps_next], 1)
+        )  # (1, 2B, A), (1, 2B, A), (1, 2B)
+        kl_all = log_prob[0] - uniform_log_prob(A)  # (2B,)
+        q_all, jac = critic.values_and_action_jacobian(both, actions[0], grad_rows=B)
+        E = q_all.shape[0]
+        mean = q_all.mean(0)  # Q̂_β = mean − β·std over the members (pessimistic())
+        std = ((q_all - mean).square().sum(0) / (E - 1) + 1e-6).sqrt()  # (2B,)
+        soft = mean - cfg.beta * std - alpha * kl_all  # Q̂_β − α·KL̂, (2B,)
 
+        # Critic: y = r + γ(1 − d)[Q̂_β(s', a') − α·KL̂(π(·|s') ‖ p)]
+        target = batch.rewards + cfg.gamma * (1.0 - batch.terminated) * soft[B:]  # (B,)
+        critic_loss = _critic_grads(agent.critic, states, batch.actions, target)
+
+        # Policy: −mean_B Ĵ(s, λ) + bound penalty, Ĵ = Q̂_β(s, a) − α·KL̂
+        kl = kl_all[:B]
+        actor_loss = -soft[:B].mean() + bounds.penalty()
+        q, mean, std = q_all[:, :B], mean[:B], std[:B]
         # ∂(−mean_B Ĵ)/∂q_e, through Q̂_β = mean − β·std
         g_q = ((q - mean) * (cfg.beta / ((E - 1) * std)) - 1.0 / E) / B  # (E, B)
         g_actions = (g_q.unsqueeze(1) * jac).sum(0).t()  # (B, A)
         g_log_prob = alpha / B  # ∂/∂log π(a|s), the same for every row
         # Through the sample (as _SampleLogProb.backward, with g_pre = 0)
-        tanh = torch.tanh(pre_tanh[0])
+        tanh = torch.tanh(pre_tanh[0, :B])
         one_minus = 1 - tanh.square()
         g_u = torch.where(tanh.abs() <= 1 - ACTION_EPS, g_actions, 0.0) * one_minus
         g_u += g_log_prob * (2 * tanh * one_minus / (one_minus + LOGDET_EPS))
-        g_loc = g_u
-        g_log_scale = g_u * eps[0] * log_scale.exp() - g_log_prob
+        g_log_scale = g_u * eps[0] * log_scale[:B].exp() - g_log_prob
         # Through the soft clamp: ℓ = m + softplus(d2), d2 = M − softplus(d1) − m, d1 = M − raw
-        g_d2 = _softplus_backward(g_log_scale, d2, 1.0, 20.0)
-        g_d1 = _softplus_backward(-g_d2, d1, 1.0, 20.0)
+        g_d2 = _softplus_backward(g_log_scale, d2[:B], 1.0, 20.0)
+        g_d1 = _softplus_backward(-g_d2, d1[:B], 1.0, 20.0)
         torch.sum(g_log_scale - g_d2, 0, out=bounds.log_scale_min.grad)
         bounds.log_scale_min.grad -= 0.01
         torch.sum(g_d2 + g_d1, 0, out=bounds.log_scale_max.grad)
         bounds.log_scale_max.grad += 0.01
-        _policy_backward(net, states, h1, h2, torch.cat([g_loc, -g_d1], -1))
+        g_out = torch.cat([g_u, -g_d1], -1)  # ∂/∂(μ, raw log σ), (B, 2A)
+        _policy_backward(net, states, h1[:B], h2[:B], g_out)
 
         # α towards the KL target
         kl_mean = kl.mean()

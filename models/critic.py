@@ -142,7 +142,9 @@ class EnsembleQ(nn.Module):
         q = _EnsembleHead.apply(x, self.head.weight, self.head.bias)  # (E, N)
         return q.reshape(self.n_members, *lead)  # (E, ...)
 
-    def values_and_action_jacobian(self, states: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
+    def values_and_action_jacobian(
+        self, states: Tensor, actions: Tensor, grad_rows: int | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Q-values and their Jacobian to the actions, without autograd (weights taken as fixed).
 
         Block by block (``_FROZEN_CHUNK`` rows), so each block's activations stay in cache; the
@@ -152,9 +154,11 @@ class EnsembleQ(nn.Module):
         Args:
             states: [N, S].
             actions: [N, A].
+            grad_rows: Form the Jacobian for the first ``grad_rows`` rows only (default all N);
+                the rest get values alone.
 
         Returns:
-            (q [E, N], ∂q_e/∂a transposed [E, A, N]).
+            (q [E, N], ∂q_e/∂a transposed [E, A, grad_rows]).
         """
         S = self.state_dim
         x = torch.cat([states, actions], -1)  # (N, S+A)
@@ -163,8 +167,9 @@ class EnsembleQ(nn.Module):
         w_action = weights[0][:, S:]  # (E, A, H): the first layer's action rows only
         grad_head = self.head.weight.transpose(1, 2)  # (E, 1, H)
         N = x.shape[0]
+        grad_rows = N if grad_rows is None else grad_rows
         q = x.new_empty(self.n_members, N)
-        jacs = []  # per block ∂q_e/∂a, transposed: (E, A, n)
+        jacs = []  # per block ∂q_e/∂a, transposed: (E, A, m)
         for i in range(0, N, _FROZEN_CHUNK):
             h = x[i : i + _FROZEN_CHUNK]  # (n, S+A), shared by the members
             hs = []
@@ -172,11 +177,17 @@ class EnsembleQ(nn.Module):
                 h = layer(h).relu_()  # (E, n, H)
                 hs.append(h)
             q[:, i : i + _FROZEN_CHUNK] = head_values(h, self.head.weight, self.head.bias)
-            g = torch.ops.aten.threshold_backward(grad_head.expand_as(h), h, 0)  # ∂q/∂pre-act
+            m = min(h.shape[1], grad_rows - i)  # rows of this block that want the Jacobian
+            if m <= 0:
+                continue
+            hs = [h[:, :m] for h in hs]
+            g = torch.ops.aten.threshold_backward(grad_head.expand_as(hs[-1]), hs[-1], 0)
             for wt, h_in in zip(reversed(back), reversed(hs[:-1]), strict=True):
-                g = torch.ops.aten.threshold_backward(torch.bmm(g, wt), h_in, 0)
-            # W_a·gᵀ (E, A, n): MKL runs this shape ~1.6× faster than g·W_aᵀ (E, n, A)
+                g = torch.ops.aten.threshold_backward(torch.bmm(g, wt), h_in, 0)  # ∂q/∂pre-act
+            # W_a·gᵀ (E, A, m): MKL runs this shape ~1.6× faster than g·W_aᵀ (E, m, A)
             jacs.append(torch.bmm(w_action, g.transpose(1, 2)))
+        if not jacs:
+            return q, x.new_zeros(self.n_members, actions.shape[-1], 0)
         return q, jacs[0] if len(jacs) == 1 else torch.cat(jacs, -1)
 
     def _frozen_action_grad(self, states: Tensor, actions: Tensor) -> bool:

@@ -333,3 +333,18 @@ def test_frozen_critic_action_gradient_equals_autograd(monkeypatch, chunk):
     torch.testing.assert_close(frozen(s, actions), q_plain)
     with torch.no_grad():
         torch.testing.assert_close(frozen(states, actions), q_plain.detach())
+
+
+@pytest.mark.parametrize("grad_rows", [0, 5, 11, 12, 28])
+def test_values_and_action_jacobian_for_leading_rows_only(monkeypatch, grad_rows):
+    """The Jacobian of the first ``grad_rows`` rows equals the full one's, across blocks."""
+    monkeypatch.setattr("mbplan.models.critic._FROZEN_CHUNK", 12)
+    torch.manual_seed(0)
+    critic = EnsembleQ(5, 3, hidden=8).double().requires_grad_(False)
+    states = torch.randn(28, 5, dtype=torch.float64)
+    actions = torch.randn(28, 3, dtype=torch.float64)
+    q_all, jac_all = critic.values_and_action_jacobian(states, actions)  # (E, N), (E, A, N)
+    q, jac = critic.values_and_action_jacobian(states, actions, grad_rows=grad_rows)
+    torch.testing.assert_close(q, q_all, rtol=0, atol=0)
+    assert jac.shape == (2, 3, grad_rows)
+    torch.testing.assert_close(jac, jac_all[..., :grad_rows], rtol=1e-12, atol=1e-12)
