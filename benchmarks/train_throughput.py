@@ -3,7 +3,9 @@
 Measures whole training steps (act + env step + replay + one update of batch 256) after the random
 warm-up, for:
   * mbplan direct with K = 1 (SAC's own setting) vs SB3 SAC (same settings) -> env steps/s, ratio,
-    in alternating rounds so that both see this VM's speed drift alike;
+    in alternating rounds so that both see this VM's speed drift alike. mbplan runs as
+    ``mbplan train`` does by default, with the update through ``torch.compile``; the first update,
+    which compiles (one-off, ~20 s), is left out of the timing and printed beside it;
   * mbplan direct and iterative at the paper's settings (K = 10, N = 5): ms per update (the update
     alone, timed around ``Agent.update``; the whole step is printed beside it) and the fraction of
     this CPU's measured GEMM peak it reaches (multiply-adds per update / time / peak).
@@ -129,6 +131,7 @@ def measure_mbplan(agent: str, K: int, N: int, warmup: int, updates: int, seed: 
         "ms_per_step": 1e3 * seconds / steps,
         "ms_per_update": 1e3 * statistics.fmean(timed),
         "ms_per_update_median": 1e3 * statistics.median(timed),
+        "first_update_s": update_seconds[0],  # includes the one-off torch.compile, if any
         "steps": steps,
     }
 
@@ -153,7 +156,8 @@ def compare_with_sb3(
         ours = measure_mbplan("direct", 1, 1, warmup, updates, seed + r)
         ours_rounds.append(ours)
         line = (f"round {r + 1}/{rounds}: mbplan direct K=1 {ours['env_steps_per_s']:6.1f} "
-                f"env steps/s ({ours['ms_per_step']:.2f} ms/step)")  # fmt: skip
+                f"env steps/s ({ours['ms_per_step']:.2f} ms/step; first update "
+                f"{ours['first_update_s']:.1f} s)")  # fmt: skip
         if sb3_reference is not None:
             sb3 = sb3_reference.measure_sb3_sac(
                 "HalfCheetah-v5", warmup, updates, batch_size, seed=seed + r

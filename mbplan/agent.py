@@ -110,6 +110,8 @@ class Agent(nn.Module):
         #: Use the hand-written gradients of :mod:`mbplan.fused_sac` where they apply (direct,
         #: model-free, K = 1); False forces autograd (same values to rounding).
         self.fused_update = True
+        #: Run those gradients through ``torch.compile`` (one-off compile, faster updates).
+        self.compile_update = False
 
     def _flatten(self) -> None:
         """(Re)build the flat parameter buffers and the optimizer over them."""
@@ -210,7 +212,7 @@ class Agent(nn.Module):
         """
         flat = self._flat["trained"]
         if self._fused_grads:
-            metrics = fused_sac.direct_update_grads(self, batch, generator)  # writes every grad
+            metrics = fused_sac.direct_update_grads(self, batch, generator, self.compile_update)
         else:
             flat.grad.zero_()
             metrics = self._autograd_grads(batch, generator)

@@ -16,6 +16,7 @@ Shapes: B batch · S state dims · A action dims · H hidden · E critics.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -96,7 +97,7 @@ def _critic_grads(critic: EnsembleQ, states: Tensor, actions: Tensor, target: Te
 
 
 def direct_update_grads(
-    agent: Agent, batch: Batch, generator: torch.Generator | None
+    agent: Agent, batch: Batch, generator: torch.Generator | None, compiled: bool = False
 ) -> dict[str, Tensor]:
     """Losses of one direct, model-free update, with every trained parameter's gradient written.
 
@@ -104,22 +105,48 @@ def direct_update_grads(
     the policy's a). Overwrites (does not accumulate) the ``.grad`` of the critic, the policy and
     log α. Runs without autograd.
 
+    Args:
+        agent: An agent that :func:`supports` this update.
+        batch: Replay batch, B transitions.
+        generator: Source of the sampling noise.
+        compiled: Run the gradient computation through ``torch.compile`` (inductor fuses its ~200
+            small ops into a few kernels: ~30% faster per update on a 2-core CPU, after a one-off
+            compile of ~20 s). Falls back to eager, with a warning, if compiling fails.
+
     Returns:
         Detached scalar metrics, as :meth:`Agent.update` reports them.
     """
+    B, A, states = batch.states.shape[0], agent.action_dim, batch.states
+    noise = {"generator": generator, "dtype": states.dtype, "device": states.device}
+    eps_next = torch.randn(1, B, A, **noise)  # a' ~ π(·|s') first, as the autograd path draws
+    eps = torch.randn(1, B, A, **noise)
+    global _compiled_grads
+    if compiled and _compiled_grads is not False:
+        try:
+            if _compiled_grads is None:
+                _compiled_grads = torch.compile(_grads, fullgraph=True, dynamic=False)
+            return _compiled_grads(agent, batch, eps_next, eps)
+        except Exception as err:  # any compiler failure: run eagerly instead
+            warnings.warn(f"torch.compile failed, training eagerly: {err}", stacklevel=2)
+            _compiled_grads = False
+    return _grads(agent, batch, eps_next, eps)
+
+
+#: The compiled :func:`_grads`: None until first asked for, False once compiling has failed.
+_compiled_grads = None
+
+
+def _grads(agent: Agent, batch: Batch, eps_next: Tensor, eps: Tensor) -> dict[str, Tensor]:
+    """:func:`direct_update_grads` for given noise ε' and ε [1, B, A] (the part that compiles)."""
     cfg, planner, A = agent.config, agent.planner, agent.action_dim
     net, bounds, critic = planner.net, planner.bounds, agent.target_critic
     states = batch.states
     B = states.shape[0]
-    noise = {"generator": generator, "dtype": states.dtype, "device": states.device}
     with torch.no_grad():
         alpha = agent.alpha
         # One pass of the policy and the frozen target critics over [s; s'] (2B rows): the policy
         # loss needs a ~ π(·|s) and Q̂_β(s, a) with its action gradient (first B rows), the critic
-        # target a' ~ π(·|s') and Q̂_β(s', a') (last B rows). Noise drawn in the autograd path's
-        # order: a' first.
-        eps_next = torch.randn(1, B, A, **noise)
-        eps = torch.randn(1, B, A, **noise)
+        # target a' ~ π(·|s') and Q̂_β(s', a') (last B rows).
         both = torch.cat([states, batch.next_states])  # (2B, S)
         out, h1, h2 = _policy_forward(net, both)  # (2B, 2A), (2B, H), (2B, H)
         loc, raw = out[:, :A], out[:, A:]  # (2B, A) each

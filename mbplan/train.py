@@ -68,6 +68,9 @@ class TrainOptions:
     horizon: int = option(2, "rollout horizon H of --value model")
     model_warmup: int = option(1000, "model-only updates after the random warm-up (--value model)")
     wandb: bool = option(False, "log to Weights & Biases (offline unless WANDB_MODE says online)")
+    compile: bool = option(
+        True, "torch.compile the direct K=1 model-free update (one-off ~20 s; else no effect)"
+    )
 
     def agent_config(self) -> AgentConfig:
         """The agent hyperparameters among these options."""
@@ -229,6 +232,7 @@ class Trainer:
         self.agent = Agent(self.spec.state_dim, self.spec.action_dim, opts.agent_config()).to(
             self.device
         )
+        self.agent.compile_update = opts.compile
         self.buffer = ReplayBuffer(self.spec.state_dim, self.spec.action_dim, opts.buffer_size)
         self.generator = torch.Generator(device=self.device).manual_seed(opts.seed)
         self.cpu_generator = torch.Generator().manual_seed(opts.seed + 7)

@@ -257,3 +257,48 @@ def test_fused_direct_update_applies_only_where_it_is_exact():
     agent = Agent(S, A, AgentConfig(agent="direct", n_samples=1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not fused_sac.supports(agent)
+
+
+def _k1_batch(seed: int, B: int = 32) -> Batch:
+    return make_batch(B, seed=seed, terminated=[seed % 2] + [0] * (B - 1))
+
+
+def test_compiled_fused_update_equals_eager():
+    """``torch.compile`` of the hand-written gradients (the trainer's default for K = 1)."""
+    from mbplan import fused_sac
+
+    torch.manual_seed(0)
+    agent = Agent(S, A, AgentConfig(agent="direct", n_samples=1))
+    flat = agent._flat["trained"]
+    for seed in range(2):
+        batch = _k1_batch(seed)
+        eager_metrics = fused_sac.direct_update_grads(
+            agent, batch, torch.Generator().manual_seed(seed)
+        )
+        eager = flat.grad.clone()
+        flat.grad.fill_(torch.nan)
+        metrics = fused_sac.direct_update_grads(
+            agent, batch, torch.Generator().manual_seed(seed), compiled=True
+        )
+        assert fused_sac._compiled_grads not in (None, False)  # it compiled and ran
+        torch.testing.assert_close(flat.grad, eager, rtol=1e-5, atol=1e-6)
+        for k, v in eager_metrics.items():
+            torch.testing.assert_close(metrics[k], v, rtol=1e-5, atol=1e-6)
+        agent.optim.step()
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    from mbplan import fused_sac
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(fused_sac, "_compiled_grads", None)
+    monkeypatch.setattr(torch, "compile", broken)
+    agent = Agent(S, A, AgentConfig(agent="direct", n_samples=1))
+    agent.compile_update = True
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        metrics = agent.update(_k1_batch(0), torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(v) for v in metrics.values())
+    assert fused_sac._compiled_grads is False
+    agent.update(_k1_batch(1), torch.Generator().manual_seed(1))  # no second warning, eager
