@@ -47,7 +47,6 @@ def supports(agent: Agent) -> bool:
     return (
         cfg.agent == "direct"
         and cfg.value == "model-free"
-        and cfg.n_samples == 1
         and cfg.n_critics >= 2
         and isinstance(net, nn.Sequential)
         and len(net) == 5
@@ -119,7 +118,7 @@ def direct_update_grads(
     B, A, states = batch.states.shape[0], agent.action_dim, batch.states
     noise = {"generator": generator, "dtype": states.dtype, "device": states.device}
     eps_next = torch.randn(1, B, A, **noise)  # a' ~ π(·|s') first, as the autograd path draws
-    eps = torch.randn(1, B, A, **noise)
+    eps = torch.randn(agent.config.n_samples, B, A, **noise)
     global _compiled_grads
     if compiled and _compiled_grads is not False:
         try:
@@ -137,16 +136,17 @@ _compiled_grads = None
 
 
 def _grads(agent: Agent, batch: Batch, eps_next: Tensor, eps: Tensor) -> dict[str, Tensor]:
-    """:func:`direct_update_grads` for given noise ε' and ε [1, B, A] (the part that compiles)."""
+    """:func:`direct_update_grads` for given noise ε' [1, B, A] and ε [K, B, A] (it compiles)."""
     cfg, planner, A = agent.config, agent.planner, agent.action_dim
     net, bounds, critic = planner.net, planner.bounds, agent.target_critic
     states = batch.states
-    B = states.shape[0]
+    K, B = eps.shape[:2]
+    KB = K * B
     with torch.no_grad():
         alpha = agent.alpha
-        # One pass of the policy and the frozen target critics over [s; s'] (2B rows): the policy
-        # loss needs a ~ π(·|s) and Q̂_β(s, a) with its action gradient (first B rows), the critic
-        # target a' ~ π(·|s') and Q̂_β(s', a') (last B rows).
+        # One pass of the policy over [s; s'] (2B rows), then one of the frozen target critics
+        # over K·B + B rows: the policy loss needs a_k ~ π(·|s) and Q̂_β(s, a_k) with its action
+        # gradient (rows k·B + b), the critic target a' ~ π(·|s') and Q̂_β(s', a') (last B rows).
         both = torch.cat([states, batch.next_states])  # (2B, S)
         out, h1, h2 = _policy_forward(net, both)  # (2B, 2A), (2B, H), (2B, H)
         loc, raw = out[:, :A], out[:, A:]  # (2B, A) each
@@ -154,34 +154,42 @@ def _grads(agent: Agent, batch: Batch, eps_next: Tensor, eps: Tensor) -> dict[st
         upper = bounds.log_scale_max - F.softplus(d1)
         d2 = upper - bounds.log_scale_min
         log_scale = bounds.log_scale_min + F.softplus(d2)
+        noise = torch.cat([eps.reshape(KB, A), eps_next[0]])  # ((K+1)B, A)
         actions, pre_tanh, log_prob = _SampleLogProb.apply(
-            loc, log_scale, torch.cat([eps, eps_next], 1)
-        )  # (1, 2B, A), (1, 2B, A), (1, 2B)
-        kl_all = log_prob[0] - uniform_log_prob(A)  # (2B,)
-        q_all, jac = critic.values_and_action_jacobian(both, actions[0], grad_rows=B)
+            torch.cat([loc[:B].repeat(K, 1), loc[B:]]),
+            torch.cat([log_scale[:B].repeat(K, 1), log_scale[B:]]),
+            noise.unsqueeze(0),
+        )  # (1, (K+1)B, A), (1, (K+1)B, A), (1, (K+1)B)
+        kl_rows = log_prob[0] - uniform_log_prob(A)  # ((K+1)B,)
+        rows = torch.cat([states.repeat(K, 1), batch.next_states])  # ((K+1)B, S)
+        q_all, jac = critic.values_and_action_jacobian(rows, actions[0], grad_rows=KB)
         E = q_all.shape[0]
         mean = q_all.mean(0)  # Q̂_β = mean − β·std over the members (pessimistic())
-        std = ((q_all - mean).square().sum(0) / (E - 1) + 1e-6).sqrt()  # (2B,)
-        soft = mean - cfg.beta * std - alpha * kl_all  # Q̂_β − α·KL̂, (2B,)
+        std = ((q_all - mean).square().sum(0) / (E - 1) + 1e-6).sqrt()  # ((K+1)B,)
+        q_hat = mean - cfg.beta * std
 
         # Critic: y = r + γ(1 − d)[Q̂_β(s', a') − α·KL̂(π(·|s') ‖ p)]
-        target = batch.rewards + cfg.gamma * (1.0 - batch.terminated) * soft[B:]  # (B,)
+        soft = q_hat[KB:] - alpha * kl_rows[KB:]
+        target = batch.rewards + cfg.gamma * (1.0 - batch.terminated) * soft  # (B,)
         critic_loss = _critic_grads(agent.critic, states, batch.actions, target)
 
-        # Policy: −mean_B Ĵ(s, λ) + bound penalty, Ĵ = Q̂_β(s, a) − α·KL̂
-        kl = kl_all[:B]
-        actor_loss = -soft[:B].mean() + bounds.penalty()
-        q, mean, std = q_all[:, :B], mean[:B], std[:B]
-        # ∂(−mean_B Ĵ)/∂q_e, through Q̂_β = mean − β·std
-        g_q = ((q - mean) * (cfg.beta / ((E - 1) * std)) - 1.0 / E) / B  # (E, B)
-        g_actions = (g_q.unsqueeze(1) * jac).sum(0).t()  # (B, A)
-        g_log_prob = alpha / B  # ∂/∂log π(a|s), the same for every row
+        # Policy: −mean_B Ĵ(s, λ) + bound penalty, Ĵ = mean_K Q̂_β(s, a_k) − α·KL̂
+        kl = kl_rows[:KB].view(K, B).mean(0)  # (B,)
+        J = q_hat[:KB].view(K, B).mean(0) - alpha * kl
+        actor_loss = -J.mean() + bounds.penalty()
+        q, mean, std = q_all[:, :KB], mean[:KB], std[:KB]
+        # ∂(−mean_B Ĵ)/∂q_e per sample row, through Q̂_β = mean − β·std
+        g_q = ((q - mean) * (cfg.beta / ((E - 1) * std)) - 1.0 / E) / KB  # (E, KB)
+        g_actions = (g_q.unsqueeze(1) * jac).sum(0).t()  # (KB, A)
+        g_log_prob = alpha / KB  # ∂/∂log π(a_k|s), the same for every row
         # Through the sample (as _SampleLogProb.backward, with g_pre = 0)
-        tanh = torch.tanh(pre_tanh[0, :B])
+        tanh = torch.tanh(pre_tanh[0, :KB])
         one_minus = 1 - tanh.square()
         g_u = torch.where(tanh.abs() <= 1 - ACTION_EPS, g_actions, 0.0) * one_minus
-        g_u += g_log_prob * (2 * tanh * one_minus / (one_minus + LOGDET_EPS))
-        g_log_scale = g_u * eps[0] * log_scale[:B].exp() - g_log_prob
+        g_u += g_log_prob * (2 * tanh * one_minus / (one_minus + LOGDET_EPS))  # (KB, A)
+        g_loc = g_u.view(K, B, A).sum(0)
+        g_scaled = (g_u * noise[:KB]).view(K, B, A).sum(0)
+        g_log_scale = g_scaled * log_scale[:B].exp() - alpha / B  # Σ_K of g_log_prob: α/B
         # Through the soft clamp: ℓ = m + softplus(d2), d2 = M − softplus(d1) − m, d1 = M − raw
         g_d2 = _softplus_backward(g_log_scale, d2[:B], 1.0, 20.0)
         g_d1 = _softplus_backward(-g_d2, d1[:B], 1.0, 20.0)
@@ -189,7 +197,7 @@ def _grads(agent: Agent, batch: Batch, eps_next: Tensor, eps: Tensor) -> dict[st
         bounds.log_scale_min.grad -= 0.01
         torch.sum(g_d2 + g_d1, 0, out=bounds.log_scale_max.grad)
         bounds.log_scale_max.grad += 0.01
-        g_out = torch.cat([g_u, -g_d1], -1)  # ∂/∂(μ, raw log σ), (B, 2A)
+        g_out = torch.cat([g_loc, -g_d1], -1)  # ∂/∂(μ, raw log σ), (B, 2A)
         _policy_backward(net, states, h1[:B], h2[:B], g_out)
 
         # α towards the KL target

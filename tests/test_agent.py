@@ -209,10 +209,10 @@ def test_iterative_update_returns_finite_metrics():
     assert action.shape == (A,) and (abs(action) < 1).all()
 
 
-def _perturbed_k1_agent(seed: int) -> Agent:
-    """A direct K = 1 agent in float64 whose zero-initialised heads and bounds are randomised."""
+def _perturbed_agent(seed: int, K: int) -> Agent:
+    """A direct agent in float64 whose zero-initialised heads and bounds are randomised."""
     torch.manual_seed(seed)
-    agent = Agent(S, A, AgentConfig(agent="direct", n_samples=1, beta=1.5)).double()
+    agent = Agent(S, A, AgentConfig(agent="direct", n_samples=K, beta=1.5)).double()
     with torch.no_grad():
         for p in [*agent.planner.net[-1].parameters(), *agent.planner.bounds.parameters()]:
             p.add_(0.5 * torch.randn_like(p))
@@ -223,10 +223,11 @@ def _perturbed_k1_agent(seed: int) -> Agent:
     return agent
 
 
-def test_fused_direct_update_equals_autograd():
+@pytest.mark.parametrize("K", [1, 3])
+def test_fused_direct_update_equals_autograd(K):
     from mbplan import fused_sac
 
-    fused, plain = _perturbed_k1_agent(0), _perturbed_k1_agent(0)
+    fused, plain = _perturbed_agent(0, K), _perturbed_agent(0, K)
     plain.fused_update = False
     assert fused_sac.supports(fused) and not plain._fused_grads
     for step in range(3):
@@ -250,7 +251,8 @@ def test_fused_direct_update_applies_only_where_it_is_exact():
     from mbplan import fused_sac
 
     assert fused_sac.supports(Agent(S, A, AgentConfig(agent="direct", n_samples=1)))
-    for config in (AgentConfig(agent="direct", n_samples=4),
+    assert fused_sac.supports(Agent(S, A, AgentConfig(agent="direct", n_samples=10)))
+    for config in (AgentConfig(agent="direct", n_samples=4, n_critics=1),
                    AgentConfig(agent="iterative", n_samples=1),
                    AgentConfig(agent="direct", n_samples=1, value="model")):  # fmt: skip
         assert not fused_sac.supports(Agent(S, A, config))
