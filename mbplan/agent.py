@@ -110,6 +110,7 @@ class Agent(nn.Module):
         #: Use the hand-written gradients of :mod:`mbplan.fused_sac` where they apply (direct,
         #: model-free, K = 1); False forces autograd (same values to rounding).
         self.fused_update = True
+        self._fused_supported = fused_sac.supports(self)  # the structure is fixed from here on
         #: Run those gradients through ``torch.compile`` (one-off compile, faster updates).
         self.compile_update = False
 
@@ -140,7 +141,12 @@ class Agent(nn.Module):
 
     @property
     def _fused_grads(self) -> bool:
-        return self.fused_update and fused_sac.supports(self)
+        """Whether this update runs :mod:`mbplan.fused_sac` (never under autocast)."""
+        return (
+            self.fused_update
+            and self._fused_supported
+            and not torch.is_autocast_enabled(self.log_alpha.device.type)
+        )
 
     @property
     def alpha(self) -> Tensor:

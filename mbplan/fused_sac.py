@@ -41,32 +41,32 @@ _threshold_backward = torch.ops.aten.threshold_backward
 
 
 def supports(agent: Agent) -> bool:
-    """Whether :func:`direct_update_grads` computes this agent's update."""
+    """Whether :func:`direct_update_grads` computes this agent's update (its structure only)."""
     cfg = agent.config
-    net = getattr(agent.planner, "net", None)
+    layers = list(getattr(agent.planner, "net", []))
     return (
         cfg.agent == "direct"
         and cfg.value == "model-free"
         and cfg.n_critics >= 2
-        and isinstance(net, nn.Sequential)
-        and len(net) == 5
-        and all(isinstance(net[i], nn.Linear) for i in (0, 2, 4))
-        and all(isinstance(net[i], nn.ReLU) for i in (1, 3))
+        and len(layers) == 5
+        and all(isinstance(layers[i], nn.Linear) for i in (0, 2, 4))
+        and all(isinstance(layers[i], nn.ReLU) for i in (1, 3))
         and len(agent.critic.hidden) == 2
-        and not torch.is_autocast_enabled(agent.log_alpha.device.type)
     )
 
 
 def _policy_forward(net: nn.Sequential, states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """out = W3·relu(W2·relu(W1·s + b1) + b2) + b3 [B, 2A], with the hidden activations [B, H]."""
-    h1 = F.linear(states, net[0].weight, net[0].bias).relu_()
-    h2 = F.linear(h1, net[2].weight, net[2].bias).relu_()
-    return F.linear(h2, net[4].weight, net[4].bias), h1, h2
+    l1, _, l2, _, l3 = net
+    h1 = F.linear(states, l1.weight, l1.bias).relu_()
+    h2 = F.linear(h1, l2.weight, l2.bias).relu_()
+    return F.linear(h2, l3.weight, l3.bias), h1, h2
 
 
 def _policy_backward(net: nn.Sequential, states: Tensor, h1: Tensor, h2: Tensor, g: Tensor) -> None:
     """Weight gradients of :func:`_policy_forward` for ∂L/∂out = g [B, 2A], into ``.grad``."""
-    for layer, x_in, h_in in ((net[4], h2, h2), (net[2], h1, h1), (net[0], states, None)):
+    l1, _, l2, _, l3 = net
+    for layer, x_in, h_in in ((l3, h2, h2), (l2, h1, h1), (l1, states, None)):
         torch.mm(g.t(), x_in, out=layer.weight.grad)  # (out, in)
         torch.sum(g, 0, out=layer.bias.grad)
         if h_in is not None:

@@ -257,8 +257,9 @@ def test_fused_direct_update_applies_only_where_it_is_exact():
                    AgentConfig(agent="direct", n_samples=1, value="model")):  # fmt: skip
         assert not fused_sac.supports(Agent(S, A, config))
     agent = Agent(S, A, AgentConfig(agent="direct", n_samples=1))
+    assert agent._fused_grads
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not fused_sac.supports(agent)
+        assert not agent._fused_grads
 
 
 def _k1_batch(seed: int, B: int = 32) -> Batch:
