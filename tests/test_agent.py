@@ -209,10 +209,11 @@ def test_iterative_update_returns_finite_metrics():
     assert action.shape == (A,) and (abs(action) < 1).all()
 
 
-def _perturbed_agent(seed: int, K: int) -> Agent:
+def _perturbed_agent(seed: int, K: int, E: int = 2) -> Agent:
     """A direct agent in float64 whose zero-initialised heads and bounds are randomised."""
     torch.manual_seed(seed)
-    agent = Agent(S, A, AgentConfig(agent="direct", n_samples=K, beta=1.5)).double()
+    config = AgentConfig(agent="direct", n_samples=K, n_critics=E, beta=1.5)
+    agent = Agent(S, A, config).double()
     with torch.no_grad():
         for p in [*agent.planner.net[-1].parameters(), *agent.planner.bounds.parameters()]:
             p.add_(0.5 * torch.randn_like(p))
@@ -223,11 +224,11 @@ def _perturbed_agent(seed: int, K: int) -> Agent:
     return agent
 
 
-@pytest.mark.parametrize("K", [1, 3])
-def test_fused_direct_update_equals_autograd(K):
+@pytest.mark.parametrize(("K", "E"), [(1, 2), (3, 2), (2, 3)])
+def test_fused_direct_update_equals_autograd(K, E):
     from mbplan import fused_sac
 
-    fused, plain = _perturbed_agent(0, K), _perturbed_agent(0, K)
+    fused, plain = _perturbed_agent(0, K, E), _perturbed_agent(0, K, E)
     plain.fused_update = False
     assert fused_sac.supports(fused) and not plain._fused_grads
     for step in range(3):
