@@ -108,7 +108,7 @@ class Agent(nn.Module):
         self._n_critic = sum(p.numel() for p in self.critic.parameters())
         self._flatten()
         #: Use the hand-written gradients of :mod:`mbplan.fused_sac` where they apply (direct,
-        #: model-free, K = 1); False forces autograd (same values to rounding).
+        #: model-free); False forces autograd (same values to rounding).
         self.fused_update = True
         self._fused_supported = fused_sac.supports(self)  # the structure is fixed from here on
         #: Run those gradients through ``torch.compile`` (one-off compile, faster updates).

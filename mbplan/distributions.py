@@ -106,7 +106,7 @@ class _SampleLogProb(torch.autograd.Function):
 
     u = μ + σ·ε, a = clamp(tanh u), log π = Σ_A (−ε²/2 − log √(2π) − log(1 − tanh²u + δ) − log σ).
     Autograd would record ~15 nodes for these few [K, B, A] ops; on a CPU each costs more than its
-    arithmetic. The backward is the same chain rule written out:
+    arithmetic. The backward (:func:`sample_log_prob_vjp`) is the same chain rule written out:
     ∂/∂u = g_a·(1 − t²)·[|t| ≤ 1 − eps] + g_u + g_logπ·2t(1 − t²)/(1 − t² + δ), t = tanh u;
     ∂/∂μ = Σ_K ∂/∂u; ∂/∂log σ = σ·Σ_K ε·∂/∂u − Σ_K g_logπ. It recomputes t from the saved output u
     with differentiable ops, so second derivatives stay exact.
@@ -126,23 +126,49 @@ class _SampleLogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_actions: Tensor | None, g_pre: Tensor | None, g_log_prob: Tensor | None):
         log_scale, eps, pre_tanh = ctx.saved_tensors
-        tanh = torch.tanh(pre_tanh)
-        one_minus = 1 - tanh.square()  # (K, B, A)
-        g = torch.zeros_like(pre_tanh) if g_pre is None else g_pre  # ∂/∂u, (K, B, A)
-        if g_actions is not None:  # tanh, then clamp: passes the gradient inside its range only
-            # (``where``, not a 0/1 product, so a non-finite gradient at a clamped action is cut)
-            g = g + torch.where(tanh.abs() <= 1 - ACTION_EPS, g_actions, 0.0) * one_minus
-        if g_log_prob is not None:  # −log(1 − tanh²u + δ)
-            g = g + g_log_prob.unsqueeze(-1) * (2 * tanh * one_minus / (one_minus + LOGDET_EPS))
-        scale = log_scale.exp()
-        g_loc = g.sum(0) if ctx.needs_input_grad[0] else None  # (B, A)
-        g_log_scale = None
-        if ctx.needs_input_grad[1]:
-            g_log_scale = (g * eps).sum(0) * scale
-            if g_log_prob is not None:
-                g_log_scale = g_log_scale - g_log_prob.sum(0).unsqueeze(-1)
-        g_eps = g * scale if ctx.needs_input_grad[2] else None
-        return g_loc, g_log_scale, g_eps
+        g_loc, g_log_scale, g_eps = sample_log_prob_vjp(
+            log_scale, eps, pre_tanh, g_actions, g_pre, g_log_prob, need_eps=ctx.needs_input_grad[2]
+        )
+        return (g_loc if ctx.needs_input_grad[0] else None,
+                g_log_scale if ctx.needs_input_grad[1] else None, g_eps)  # fmt: skip
+
+
+def sample_log_prob_vjp(
+    log_scale: Tensor,
+    eps: Tensor,
+    pre_tanh: Tensor,
+    g_actions: Tensor | None,
+    g_pre: Tensor | None,
+    g_log_prob: Tensor | None,
+    need_eps: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients of :meth:`TanhNormal.rsample_log_prob`'s outputs to (loc, log σ[, ε]).
+
+    Args:
+        log_scale: log σ [B, A].
+        eps: ε [K, B, A].
+        pre_tanh: u = μ + σ·ε [K, B, A].
+        g_actions: ∂L/∂a [K, B, A], or None.
+        g_pre: ∂L/∂u [K, B, A], or None.
+        g_log_prob: ∂L/∂log π [K, B], or None.
+        need_eps: Also return ∂L/∂ε.
+
+    Returns:
+        (∂L/∂loc [B, A], ∂L/∂log σ [B, A], ∂L/∂ε [K, B, A] or None).
+    """
+    tanh = torch.tanh(pre_tanh)
+    one_minus = 1 - tanh.square()  # (K, B, A)
+    g = torch.zeros_like(pre_tanh) if g_pre is None else g_pre  # ∂/∂u, (K, B, A)
+    if g_actions is not None:  # tanh, then clamp: passes the gradient inside its range only
+        # (``where``, not a 0/1 product, so a non-finite gradient at a clamped action is cut)
+        g = g + torch.where(tanh.abs() <= 1 - ACTION_EPS, g_actions, 0.0) * one_minus
+    if g_log_prob is not None:  # −log(1 − tanh²u + δ)
+        g = g + g_log_prob.unsqueeze(-1) * (2 * tanh * one_minus / (one_minus + LOGDET_EPS))
+    scale = log_scale.exp()
+    g_log_scale = (g * eps).sum(0) * scale
+    if g_log_prob is not None:
+        g_log_scale = g_log_scale - g_log_prob.sum(0).unsqueeze(-1)
+    return g.sum(0), g_log_scale, g * scale if need_eps else None
 
 
 def kl_between(p: TanhNormal, q: TanhNormal) -> Tensor:

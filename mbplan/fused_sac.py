@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mbplan.distributions import (
-    ACTION_EPS,
-    LOGDET_EPS,
     _SampleLogProb,
+    sample_log_prob_vjp,
     target_kl,
     uniform_log_prob,
 )
@@ -36,7 +35,6 @@ if TYPE_CHECKING:
     from mbplan.agent import Agent
     from mbplan.replay import Batch
 
-_softplus_backward = torch.ops.aten.softplus_backward
 _threshold_backward = torch.ops.aten.threshold_backward
 
 
@@ -113,7 +111,8 @@ def direct_update_grads(
             compile of ~20 s). Falls back to eager, with a warning, if compiling fails.
 
     Returns:
-        Detached scalar metrics, as :meth:`Agent.update` reports them.
+        Detached scalar metrics, as :meth:`Agent.update` reports them (without α, which it
+        reads after the step).
     """
     B, A, states = batch.states.shape[0], agent.action_dim, batch.states
     noise = {"generator": generator, "dtype": states.dtype, "device": states.device}
@@ -150,10 +149,7 @@ def _grads(agent: Agent, batch: Batch, eps_next: Tensor, eps: Tensor) -> dict[st
         both = torch.cat([states, batch.next_states])  # (2B, S)
         out, h1, h2 = _policy_forward(net, both)  # (2B, 2A), (2B, H), (2B, H)
         loc, raw = out[:, :A], out[:, A:]  # (2B, A) each
-        d1 = bounds.log_scale_max - raw  # the soft clamp of log σ (LogScaleBounds)
-        upper = bounds.log_scale_max - F.softplus(d1)
-        d2 = upper - bounds.log_scale_min
-        log_scale = bounds.log_scale_min + F.softplus(d2)
+        log_scale = bounds(raw)  # the soft clamp of log σ
         noise = torch.cat([eps.reshape(KB, A), eps_next[0]])  # ((K+1)B, A)
         actions, pre_tanh, log_prob = _SampleLogProb.apply(
             torch.cat([loc[:B].repeat(K, 1), loc[B:]]),
@@ -181,23 +177,21 @@ def _grads(agent: Agent, batch: Batch, eps_next: Tensor, eps: Tensor) -> dict[st
         # ∂(−mean_B Ĵ)/∂q_e per sample row, through Q̂_β = mean − β·std
         g_q = ((q - mean) * (cfg.beta / ((E - 1) * std)) - 1.0 / E) / KB  # (E, KB)
         g_actions = (g_q.unsqueeze(1) * jac).sum(0).t()  # (KB, A)
-        g_log_prob = alpha / KB  # ∂/∂log π(a_k|s), the same for every row
-        # Through the sample (as _SampleLogProb.backward, with g_pre = 0)
-        tanh = torch.tanh(pre_tanh[0, :KB])
-        one_minus = 1 - tanh.square()
-        g_u = torch.where(tanh.abs() <= 1 - ACTION_EPS, g_actions, 0.0) * one_minus
-        g_u += g_log_prob * (2 * tanh * one_minus / (one_minus + LOGDET_EPS))  # (KB, A)
-        g_loc = g_u.view(K, B, A).sum(0)
-        g_scaled = (g_u * noise[:KB]).view(K, B, A).sum(0)
-        g_log_scale = g_scaled * log_scale[:B].exp() - alpha / B  # Σ_K of g_log_prob: α/B
-        # Through the soft clamp: ℓ = m + softplus(d2), d2 = M − softplus(d1) − m, d1 = M − raw
-        g_d2 = _softplus_backward(g_log_scale, d2[:B], 1.0, 20.0)
-        g_d1 = _softplus_backward(-g_d2, d1[:B], 1.0, 20.0)
-        torch.sum(g_log_scale - g_d2, 0, out=bounds.log_scale_min.grad)
-        bounds.log_scale_min.grad -= 0.01
-        torch.sum(g_d2 + g_d1, 0, out=bounds.log_scale_max.grad)
-        bounds.log_scale_max.grad += 0.01
-        g_out = torch.cat([g_loc, -g_d1], -1)  # ∂/∂(μ, raw log σ), (B, 2A)
+        # Through the sample (rows k·B + b), then summed over the K samples of each state
+        g_loc, g_log_scale, _ = sample_log_prob_vjp(
+            log_scale[:B].repeat(K, 1),
+            noise[None, :KB],
+            pre_tanh[:, :KB],
+            g_actions[None],
+            None,
+            (alpha / KB).expand(1, KB),  # ∂/∂log π(a_k|s), the same for every row
+        )  # (KB, A) each
+        g_loc, g_log_scale = g_loc.view(K, B, A).sum(0), g_log_scale.view(K, B, A).sum(0)
+        # Through the soft clamp of log σ, then the bound penalty 0.01·(ΣM − Σm)
+        g_raw, g_min, g_max = bounds.vjp(raw[:B], g_log_scale)
+        torch.sub(g_min, 0.01, out=bounds.log_scale_min.grad)
+        torch.add(g_max, 0.01, out=bounds.log_scale_max.grad)
+        g_out = torch.cat([g_loc, g_raw], -1)  # ∂/∂(μ, raw log σ), (B, 2A)
         _policy_backward(net, states, h1[:B], h2[:B], g_out)
 
         # α towards the KL target
@@ -210,7 +204,6 @@ def _grads(agent: Agent, batch: Batch, eps_next: Tensor, eps: Tensor) -> dict[st
         "critic_loss": critic_loss,
         "actor_loss": actor_loss,
         "alpha_loss": alpha_loss,
-        "alpha": alpha,
         "kl": kl_mean,
         "q_target": target.mean(),
     }

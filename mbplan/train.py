@@ -69,7 +69,7 @@ class TrainOptions:
     model_warmup: int = option(1000, "model-only updates after the random warm-up (--value model)")
     wandb: bool = option(False, "log to Weights & Biases (offline unless WANDB_MODE says online)")
     compile: bool = option(
-        True, "torch.compile the direct K=1 model-free update (one-off ~20 s; else no effect)"
+        True, "torch.compile the direct model-free update (one-off ~20 s; else no effect)"
     )
 
     def agent_config(self) -> AgentConfig:

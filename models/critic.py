@@ -70,7 +70,7 @@ class _FrozenActionGrad(torch.autograd.Function):
     """Q-values of frozen critics whose only gradient is to the actions, computed with its Jacobian.
 
     Ĵ differentiates the frozen target critics with respect to the actions only. Each member's
-    q_e is a scalar per row, so ∂q_e/∂a [E, N, A] costs one backward pass with unit gradient; doing
+    q_e is a scalar per row, so ∂q_e/∂a (E·N·A) costs one backward pass with unit gradient; doing
     it in the forward, block by block, keeps each block's activations in cache, skips autograd's
     saved activations, and gives the first layer's input gradient for the A action columns only
     (not all S + A). The backward is then Σ_e g_e·∂q_e/∂a. ReLU masks use

@@ -33,6 +33,18 @@ class LogScaleBounds(nn.Module):
         upper = self.log_scale_max - F.softplus(self.log_scale_max - raw)
         return self.log_scale_min + F.softplus(upper - self.log_scale_min)
 
+    def vjp(self, raw: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Gradients of :meth:`forward` for ∂L/∂ℓ = g [B, A], without autograd.
+
+        Returns:
+            (∂L/∂ℓ_raw [B, A], ∂L/∂m [A], ∂L/∂M [A]), the bounds' summed over the batch.
+        """
+        d1 = self.log_scale_max - raw  # ℓ' = M − softplus(d1)
+        d2 = self.log_scale_max - F.softplus(d1) - self.log_scale_min  # ℓ = m + softplus(d2)
+        g_d2 = torch.ops.aten.softplus_backward(g, d2, 1.0, 20.0)
+        g_d1 = torch.ops.aten.softplus_backward(-g_d2, d1, 1.0, 20.0)
+        return -g_d1, (g - g_d2).sum(0), (g_d2 + g_d1).sum(0)
+
     def penalty(self) -> Tensor:
         """0.01·(ΣM − Σm), added to the loss so the bounds tighten."""
         return 0.01 * (self.log_scale_max.sum() - self.log_scale_min.sum())
