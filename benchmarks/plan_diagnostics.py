@@ -26,9 +26,9 @@ import torch
 from mbplan.cli_planning import checkpoint_or_default
 from mbplan.distributions import kl_between
 from mbplan.envs import make_env
+from mbplan.fast.malloc import tune_malloc
+from mbplan.mpc import load_setup, model_objective, planner_for
 from mbplan.objective import AnchoredObjective
-from mbplan.perf import tune_malloc
-from mbplan.planning import load_setup, model_objective, planner_for
 
 
 def main() -> None:

@@ -18,12 +18,12 @@ import time
 import torch
 
 import mbplan
-from mbplan.bench.overhead import median_seconds
-from mbplan.fast_plan import FastIterativePlan
+from planner_overhead import median_seconds  # benchmarks/ is on sys.path when run as a script
+from mbplan.fast.fast_plan import FastIterativePlan
+from mbplan.fast.malloc import tune_malloc
 from mbplan.model_value import ModelValue
 from mbplan.models.critic import EnsembleQ
 from mbplan.models.dynamics import Dynamics, Reward
-from mbplan.perf import tune_malloc
 
 
 def main() -> None:
@@ -92,7 +92,7 @@ def main() -> None:
 
 
 def fast_rows(planner, objective, state, t_loop: float, args) -> None:
-    """The same plan as one function (mbplan.fast_plan): eager, and compiled (plan --compile)."""
+    """The same plan as one function (mbplan.fast.fast_plan): eager, and compiled (plan --compile)."""
     variants = [("one function", False)] + ([] if args.no_compile else [("compiled", True)])
     for label, compile in variants:
         fast = FastIterativePlan(planner, compile=compile)

@@ -29,8 +29,8 @@ import torch
 
 from mbplan.cli_planning import DEFAULT_TRUST, checkpoint_or_default
 from mbplan.envs import make_env
-from mbplan.perf import tune_malloc
-from mbplan.planning import check_trust, load_setup, model_objective, planner_for, run_mpc
+from mbplan.fast.malloc import tune_malloc
+from mbplan.mpc import check_trust, load_setup, model_objective, planner_for, run_mpc
 
 #: (label, planner, iterations (None = the planner's default), where each plan starts: ``prior`` =
 #: the planner's fixed λ_0, ``previous`` = the previous step's λ (the usual MPC warm start; from the

@@ -11,7 +11,6 @@
 set -euo pipefail
 OUT=${OUT:-docs/figures}
 THREADS=${THREADS:-1}
-export MUJOCO_GL=${MUJOCO_GL:-osmesa}
 CKPT_ARGS=()
 if [[ -n "${CKPT:-}" ]]; then CKPT_ARGS=(--checkpoint "$CKPT"); fi
 T0=$SECONDS

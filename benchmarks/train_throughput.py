@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from mbplan.perf import tune_malloc
+from mbplan.fast.malloc import tune_malloc
 from mbplan.train import Trainer, TrainOptions
 
 sys.path.insert(0, str(Path(__file__).parent))

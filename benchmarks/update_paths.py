@@ -2,7 +2,7 @@
 
 Times ``Agent.update`` (median ms over blocks of updates, HalfCheetah sizes: S = 17, A = 6,
 batch 256, random replay data) with autograd, with the hand-written gradients of
-``mbplan/fused_sac.py``, and with those through ``torch.compile``; blocks alternate so that the
+``mbplan/fast/fused_sac.py``, and with those through ``torch.compile``; blocks alternate so that the
 machine's drift hits every path alike. ``--shapes`` also times the matrix shapes that
 ``models/critic.py`` chooses between (MKL runs one-column products far below its peak).
 
@@ -19,7 +19,7 @@ import time
 import torch
 
 from mbplan.agent import Agent, AgentConfig
-from mbplan.perf import tune_malloc
+from mbplan.fast.malloc import tune_malloc
 from mbplan.replay import ReplayBuffer
 
 PATHS = {"autograd": (False, False), "hand-written": (True, False), "compiled": (True, True)}

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mbplan import fused_sac
+from mbplan import fast
 from mbplan.distributions import TanhNormal, kl_between, target_kl, uniform_log_prob
+from mbplan.fast import fused_sac
 from mbplan.model_value import ModelValue
 from mbplan.models.critic import EnsembleQ
 from mbplan.models.dynamics import Dynamics, Reward
@@ -107,10 +108,17 @@ class Agent(nn.Module):
                 self._trained += list(extra.parameters())
         self._n_critic = sum(p.numel() for p in self.critic.parameters())
         self._flatten()
-        #: Use the hand-written gradients of :mod:`mbplan.fused_sac` where they apply (direct,
-        #: model-free); False forces autograd (same values to rounding).
+        #: Use the hand-written gradients of :mod:`mbplan.fast.fused_sac` where they apply (direct,
+        #: model-free); False (or ``MBPLAN_FAST=0``) forces autograd (same values to rounding).
         self.fused_update = True
-        self._fused_supported = fused_sac.supports(self)  # the structure is fixed from here on
+        self._sac_parts = fused_sac.SACParts(
+            self.planner, self.critic, self.target_critic, self.log_alpha,
+            config.beta, config.gamma, config.n_samples,
+        )  # fmt: skip
+        self._fused_supported = (  # the structure is fixed from here on
+            config.agent == "direct" and config.value == "model-free"
+            and fused_sac.supports(self._sac_parts)
+        )  # fmt: skip
         #: Run those gradients through ``torch.compile`` (one-off compile, faster updates).
         self.compile_update = False
 
@@ -141,10 +149,11 @@ class Agent(nn.Module):
 
     @property
     def _fused_grads(self) -> bool:
-        """Whether this update runs :mod:`mbplan.fused_sac` (never under autocast)."""
+        """Whether this update runs :mod:`mbplan.fast.fused_sac` (never under autocast)."""
         return (
             self.fused_update
             and self._fused_supported
+            and fast.enabled()
             and not torch.is_autocast_enabled(self.log_alpha.device.type)
         )
 
@@ -218,7 +227,9 @@ class Agent(nn.Module):
         """
         flat = self._flat["trained"]
         if self._fused_grads:
-            metrics = fused_sac.direct_update_grads(self, batch, generator, self.compile_update)
+            metrics = fused_sac.direct_update_grads(
+                self._sac_parts, batch, generator, self.compile_update
+            )
         else:
             flat.grad.zero_()
             metrics = self._autograd_grads(batch, generator)

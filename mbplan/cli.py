@@ -6,17 +6,21 @@ Errors a user can cause end as one line on stderr and exit code 2, never a trace
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
+import json
+import pkgutil
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 import mbplan
-from mbplan.bench.overhead import OverheadOptions, run_overhead
-from mbplan.cli_args import add_dataclass_args, from_namespace, option
 from mbplan.cli_planning import (
     EvalModelOptions,
     ExportOptions,
@@ -32,7 +36,8 @@ from mbplan.cli_planning import (
     transfer_cmd,
 )
 from mbplan.errors import UserError
-from mbplan.train import TrainOptions
+from mbplan.options import TrainOptions, add_dataclass_args, from_namespace, option
+from mbplan.train import Trainer, eval_checkpoint
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,31 +45,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def format_table(rows: Sequence[Any]) -> str:
-    """Left-aligned text table of dataclass rows (floats to 4 significant digits)."""
-    if not rows:
-        return "(no rows)"
-    dicts = [asdict(r) if is_dataclass(r) else dict(r) for r in rows]
-    cols = list(dicts[0])
-
-    def fmt(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    cells = [[fmt(d[c]) for c in cols] for d in dicts]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
-
-
-def _bench_overhead(opts: OverheadOptions) -> None:
-    print(
-        f"planner overhead: S={opts.state_dim} A={opts.action_dim} K={opts.samples}, "
-        "twin-Q critic 2x256, CPU; overhead = ms/eval / bare objective+gradient ms"
-    )
-    print(format_table(run_overhead(opts)))
 
 
 @dataclass
@@ -86,13 +66,6 @@ class EvalOptions:
 
 
 def _train(opts: TrainCommand, explicit: set[str]) -> None:
-    import json
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from mbplan.train import Trainer
-
     resume = bool(opts.resume)
     if resume:
         config_path = Path(opts.resume) / "config.json"
@@ -149,8 +122,6 @@ def _train(opts: TrainCommand, explicit: set[str]) -> None:
 
 
 def _eval(opts: EvalOptions) -> None:
-    from mbplan.train import eval_checkpoint
-
     if not opts.checkpoint:
         raise UserError("--checkpoint is required")
     if opts.episodes < 1:
@@ -170,9 +141,6 @@ Command = tuple[str, type, Callable[[Any], None]]
 
 def discover(package_name: str) -> dict[str, Command]:
     """Subcommands of a package: every module that defines ``COMMAND = (name, help, Opts, fn)``."""
-    import importlib
-    import pkgutil
-
     package = importlib.import_module(package_name)
     found: dict[str, Command] = {}
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
@@ -219,14 +187,7 @@ COMMANDS: dict[str, dict[str, Command]] = {
             export_cmd,
         )
     },
-    "bench": {
-        "overhead": (
-            "time per iteration / objective evaluation and states/s of every planner",
-            OverheadOptions,
-            _bench_overhead,
-        ),
-        **discover("mbplan.bench"),
-    },
+    "bench": discover("mbplan.bench"),
     "viz": discover("mbplan.viz"),
 }
 

@@ -1,4 +1,8 @@
-"""``mbplan fit-model``, ``eval-model``, ``fit-optimizer`` and ``plan``: options and handlers."""
+"""``mbplan fit-model``, ``eval-model``, ``fit-optimizer``, ``plan``, ``transfer``, ``export``.
+
+Options (one dataclass per command) and handlers: argument checks and printing only; the work is
+done by :mod:`mbplan.fit`, :mod:`mbplan.mpc` and :mod:`mbplan.checkpoint`.
+"""
 
 from __future__ import annotations
 
@@ -7,47 +11,38 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from mbplan.cli_args import option
-from mbplan.errors import UserError
-from mbplan.planners import PLANNERS
-from mbplan.planning import PLAN_INITS, check_trust
-
-#: Where ``mbplan plan`` starts each plan by default: the amortized policy's proposal, refined.
-DEFAULT_INIT = "policy"
-INIT_HELP = (
-    "where each plan starts: policy = the run's direct policy λ = f(s) (the planner refines it), "
-    "prior = the planner's fixed λ_0, previous = the previous step's λ"
+from mbplan.checkpoint import (
+    export_bundle,
+    model_tensors,
+    replay_transitions,
+    require_run,
+    run_or_default,
+    save_folder,
+    save_plans,
 )
-
-
-def init_option() -> str:
-    """The ``--init`` field shared by every command that runs :func:`mbplan.planning.run_mpc`."""
-    return option(DEFAULT_INIT, INIT_HELP, choices=PLAN_INITS)
-
-
-#: η of the trust region around the policy's proposal that ``mbplan plan`` uses by default: on the
-#: bundled default it keeps the gains of planning at H = 5 and removes the episodes in which the
-#: planner flips the cheetah (README, "Planning results on the default").
-DEFAULT_TRUST = 1.0
-
-
-def trust_option() -> float:
-    """The ``--trust`` field shared by every command that runs :func:`mbplan.planning.run_mpc`."""
-    return option(DEFAULT_TRUST, "η of a trust region: plan against Ĵ − η·KL(π_λ ‖ π_policy), "
-                  "keeping plans near the direct policy's proposal (0 = none; direct ignores "
-                  "it)")  # fmt: skip
-
-
-def compile_option() -> bool:
-    """The ``--compile`` field of the commands that plan with the iterative optimizer."""
-    return option(False, "iterative planner: run each plan as one torch.compile'd function "
-                  "(~2× lower latency; compiled before the first episode, 1–3 min the first "
-                  "time, less once inductor's disk cache has it; needs a C++ "
-                  "compiler)")  # fmt: skip
+from mbplan.envs import check_env_matches, env_spec, make_env, write_video
+from mbplan.errors import UserError
+from mbplan.fast.malloc import tune_malloc
+from mbplan.fit import distill_direct, fit_models, fit_optimizer, open_loop_errors, split_holdout
+from mbplan.models.dynamics import Dynamics, Reward
+from mbplan.mpc import (
+    MPC,
+    PlanSettings,
+    check_trust,
+    compile_option,
+    init_option,
+    load_setup,
+    model_free_objective,
+    model_objective,
+    planner_for,
+    trust_option,
+)
+from mbplan.options import option
+from mbplan.planners import PLANNERS
 
 
 @dataclass
@@ -118,26 +113,9 @@ class PlanOptions:
 
 def _threads(n: int) -> None:
     """Process settings of a compute command: torch threads (n > 0) and glibc's malloc tuning."""
-    from mbplan.perf import tune_malloc
-
     tune_malloc()  # ~20% off a compiled plan's step in an env loop (measured 27 → 22 ms)
     if n > 0:
         torch.set_num_threads(n)
-
-
-def _require_checkpoint(path: str) -> Path:
-    if not path:
-        raise UserError("--checkpoint is required")
-    if not Path(path).is_dir():
-        raise UserError(f"run folder not found: {path}")
-    return Path(path)
-
-
-def checkpoint_or_default(path: str) -> Path:
-    """--checkpoint, or the bundled default when it is not given."""
-    from mbplan.planning import default_bundle
-
-    return _require_checkpoint(path) if path else default_bundle()
 
 
 @dataclass
@@ -150,9 +128,7 @@ class ExportOptions:
 
 def export_cmd(opts: ExportOptions) -> None:
     """Write a lean planning bundle (weights, model, optimizers; no replay or optimizer state)."""
-    from mbplan.planning import export_bundle
-
-    run = _require_checkpoint(opts.checkpoint)
+    run = require_run(opts.checkpoint)
     if not opts.out:
         raise UserError("--out is required")
     out = export_bundle(run, opts.out)
@@ -162,17 +138,7 @@ def export_cmd(opts: ExportOptions) -> None:
 
 def fit_model_cmd(opts: FitModelOptions) -> None:
     """Fit dynamics and reward on a run's replay; save ``RUN/model``; print open-loop errors."""
-    from mbplan.model_fit import fit_models, open_loop_errors, split_holdout
-    from mbplan.models.dynamics import Dynamics, Reward
-    from mbplan.planning import (
-        distill_direct,
-        load_setup,
-        model_tensors,
-        replay_transitions,
-        save_folder,
-    )
-
-    run = _require_checkpoint(opts.checkpoint)
+    run = require_run(opts.checkpoint)
     if opts.steps < 1 or opts.horizon < 1 or not 0 < opts.holdout < 1:
         raise UserError("--steps and --horizon must be >= 1 and 0 < --holdout < 1")
     _threads(opts.threads)
@@ -184,15 +150,14 @@ def fit_model_cmd(opts: FitModelOptions) -> None:
     g = torch.Generator().manual_seed(opts.seed)
     log = fit_models(dynamics, reward, train, opts.steps, opts.batch_size, opts.lr, g)
     errors = open_loop_errors(dynamics, reward, held, opts.horizon, generator=g)
-    tensors = model_tensors(dynamics, reward)
     setup = load_setup(run)
-    distill_kl = None
+    student, distill_kl = None, None
     if setup.agent.config.agent == "iterative" and setup.agent.future_policy() is None:
         # The rollouts act with a direct network: distil one from the iterative agent.
         student, distill_kl = distill_direct(
-            setup, train["states"], opts.distill_steps, seed=opts.seed
+            setup.agent, train["states"], opts.distill_steps, seed=opts.seed
         )
-        tensors.update({f"distilled.{k}": v for k, v in student.state_dict().items()})
+    tensors = model_tensors(dynamics, reward, student)
     meta = {"hidden": opts.hidden, "euler": None, "fit": asdict(opts), "held_out_errors": errors,
             "final_losses": log[-1], "transitions": int(data["states"].shape[0]),
             "distill_kl": distill_kl}  # fmt: skip
@@ -218,10 +183,7 @@ def _print_errors(errors: dict, header: str) -> None:
 
 def eval_model_cmd(opts: EvalModelOptions) -> None:
     """Print open-loop errors of a run's fitted model on its held-out replay."""
-    from mbplan.model_fit import open_loop_errors, split_holdout
-    from mbplan.planning import load_setup, replay_transitions
-
-    run = _require_checkpoint(opts.checkpoint)
+    run = require_run(opts.checkpoint)
     if opts.horizon < 1:
         raise UserError("--horizon must be >= 1")
     setup = load_setup(run)
@@ -235,18 +197,7 @@ def eval_model_cmd(opts: EvalModelOptions) -> None:
 
 def fit_optimizer_cmd(opts: FitOptimizerOptions) -> None:
     """Train an iterative optimizer on a run's frozen objective; save ``RUN/optimizers/<obj>``."""
-    from tqdm import tqdm
-
-    from mbplan.planning import (
-        fit_optimizer,
-        load_setup,
-        model_free_objective,
-        model_objective,
-        replay_transitions,
-        save_folder,
-    )
-
-    run = _require_checkpoint(opts.checkpoint)
+    run = require_run(opts.checkpoint)
     if min(opts.steps, opts.iters, opts.samples, opts.batch_size, opts.horizon) < 1:
         raise UserError("--steps, --iters, --samples, --batch-size and --horizon must be >= 1")
     _threads(opts.threads)
@@ -273,9 +224,8 @@ def fit_optimizer_cmd(opts: FitOptimizerOptions) -> None:
 
     try:
         planner, improvements = fit_optimizer(
-            setup, objective, states, opts.steps, opts.batch_size, opts.lr, opts.iters,
-            opts.seed, on_step,
-        )  # fmt: skip
+            objective, states, opts.steps, opts.batch_size, opts.lr, opts.iters, opts.seed, on_step
+        )
     finally:
         bar.close()
     tail = improvements[-min(100, len(improvements)) :]
@@ -296,20 +246,13 @@ def fit_optimizer_cmd(opts: FitOptimizerOptions) -> None:
 
 def plan_cmd(opts: PlanOptions) -> None:
     """Receding-horizon control with a planner against the model-based objective."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
-    from mbplan.envs import env_spec, make_env, write_video
-    from mbplan.planning import load_setup, model_objective, planner_for, run_mpc
-    from mbplan.train import check_env_matches
-
     if opts.horizon < 1:
         raise UserError(f"--horizon must be >= 1, got {opts.horizon}")
     trust = check_trust(opts.trust, opts.planner)
     if opts.iters < 0 or opts.episodes < 1 or opts.samples < 0 or opts.max_steps < 0:
         raise UserError("--iters, --samples, --max-steps must be >= 0 and --episodes >= 1")
     _threads(opts.threads)
-    setup = load_setup(checkpoint_or_default(opts.checkpoint))
+    setup = load_setup(run_or_default(opts.checkpoint))
     objective, _ = model_objective(setup, opts.horizon, opts.samples or None)
     planner = planner_for(setup, opts.planner, "model")
     env = make_env(opts.env or setup.config["env"], seed=opts.seed, render=bool(opts.video))
@@ -325,12 +268,11 @@ def plan_cmd(opts: PlanOptions) -> None:
         total=opts.episodes * limit, unit="step", desc=f"plan {opts.planner}", mininterval=1.0
     )
     try:
-        stats = run_mpc(
-            setup, env, planner, objective, opts.episodes, opts.iters or None, opts.seed,
-            init=opts.init, stochastic=opts.stochastic, trust=trust,
-            max_steps=opts.max_steps or None, on_step=lambda ep, t: bar.update(1),
-            plans=plans, frames=frames, compile=opts.compile,
-        )  # fmt: skip
+        settings = PlanSettings(opts.iters or None, opts.init, trust, opts.stochastic, opts.compile)
+        mpc = MPC(setup, planner, objective, settings, opts.seed)
+        stats = mpc.run(
+            env, opts.episodes, opts.max_steps or None, lambda ep, t: bar.update(1), plans, frames
+        )
     finally:
         bar.close()
     for i, r in enumerate(stats.returns):
@@ -349,30 +291,8 @@ def plan_cmd(opts: PlanOptions) -> None:
         write_video(frames, opts.video, fps=round(1 / dt))
         print(f"video written to {opts.video}")
     if plans is not None:
-        save_file(_flatten_plans(plans), opts.save_plans,
-                  metadata={"planner": opts.planner, "horizon": str(opts.horizon)})  # fmt: skip
+        save_plans(opts.save_plans, plans, {"planner": opts.planner, "horizon": str(opts.horizon)})
         print(f"plans of {len(plans)} steps written to {opts.save_plans}")
-
-
-def _flatten_plans(plans: list[dict]) -> dict[str, torch.Tensor]:
-    """One safetensors key per tensor.
-
-    Keys: ``<step>/state``, ``<step>/trace/objective``, ..., ``<step>/rollout<j>/states``
-    (j = the objective evaluation, in order).
-    """
-    out: dict[str, torch.Tensor] = {}
-    for i, p in enumerate(plans):
-        key = f"{i:06d}"
-        out[f"{key}/state"] = p["state"]
-        out[f"{key}/action"] = p["action"]
-        out[f"{key}/episode_t"] = torch.tensor([p["episode"], p["t"]])
-        out[f"{key}/objective_final"] = p["objective_final"]
-        for name in ("objective", "loc", "log_scale", "n_evals", "elapsed"):
-            out[f"{key}/trace/{name}"] = getattr(p["trace"], name)
-        for j, ro in enumerate(p["rollouts"] or []):
-            for name in ("states", "actions", "rewards", "q", "kl", "value"):
-                out[f"{key}/rollout{j:02d}/{name}"] = getattr(ro, name)
-    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
 @dataclass
@@ -400,16 +320,12 @@ def transfer_cmd(opts: TransferOptions) -> None:
     Plans against Ĵ_MB with an iterative optimizer trained only on the model-free objective, beside
     the one trained on Ĵ_MB and the direct policy, with the same seeds.
     """
-    from mbplan.envs import env_spec, make_env
-    from mbplan.planning import load_setup, model_objective, run_mpc
-    from mbplan.train import check_env_matches
-
     if opts.horizon < 1 or opts.episodes < 1:
         raise UserError("--horizon and --episodes must be >= 1")
     check_trust(opts.trust)
     _threads(opts.threads)
-    setup = load_setup(checkpoint_or_default(opts.checkpoint))
-    source = load_setup(_require_checkpoint(opts.optimizer_from)) if opts.optimizer_from else setup
+    setup = load_setup(run_or_default(opts.checkpoint))
+    source = load_setup(require_run(opts.optimizer_from)) if opts.optimizer_from else setup
     if "model-free" not in source.optimizers:
         raise UserError(
             "no model-free optimizer: run `mbplan fit-optimizer --objective model-free`"
@@ -429,9 +345,9 @@ def transfer_cmd(opts: TransferOptions) -> None:
     )
     for name, planner in contenders.items():
         trust = check_trust(opts.trust, name)
-        stats = run_mpc(setup, env, planner, objective, opts.episodes, None, opts.seed,
-                        init=opts.init, max_steps=opts.max_steps or None,
-                        trust=trust, compile=opts.compile)  # fmt: skip
+        settings = PlanSettings(None, opts.init, trust, compile=opts.compile)
+        mpc = MPC(setup, planner, objective, settings, opts.seed)
+        stats = mpc.run(env, opts.episodes, opts.max_steps or None)
         mean = statistics.fmean(stats.returns)
         std = statistics.pstdev(stats.returns) if len(stats.returns) > 1 else 0.0
         compiled = f"  (compiled in {stats.compile_seconds:.1f} s)" if stats.compile_seconds else ""

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mbplan import fast
+
 #: Actions are clamped to ±(1 − ACTION_EPS) after the squash.
 ACTION_EPS = 1e-6
 #: Added inside log(1 − tanh(u)² + ·) so the squash log-det stays finite.
@@ -91,7 +93,10 @@ class TanhNormal:
         eps = torch.randn(
             n_samples, B, A, generator=generator, dtype=self.loc.dtype, device=self.loc.device
         )  # (K, B, A)
-        return _SampleLogProb.apply(self.loc, self.log_scale, eps)
+        if fast.enabled():
+            return _SampleLogProb.apply(self.loc, self.log_scale, eps)
+        pre_tanh = self.loc + self.log_scale.exp() * eps  # the plain twin, op by op
+        return squash(pre_tanh), pre_tanh, self.log_prob(pre_tanh)
 
     def log_prob(self, pre_tanh: Tensor) -> Tensor:
         """log π(a|s) of a = tanh(u) from the pre-tanh value u [K, B, A]; returns [K, B]."""

@@ -10,6 +10,7 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -177,3 +178,12 @@ def write_video(frames: list[np.ndarray], path: str, fps: int = 30) -> None:
     import imageio.v2 as imageio
 
     imageio.mimsave(path, frames, fps=fps, macro_block_size=1)
+
+
+def check_env_matches(spec: EnvSpec, saved: dict[str, Any]) -> None:
+    """Raise :class:`UserError` if an env's sizes differ from a checkpoint's."""
+    if (spec.state_dim, spec.action_dim) != (saved["state_dim"], saved["action_dim"]):
+        raise UserError(
+            f"checkpoint was trained on S={saved['state_dim']}, A={saved['action_dim']} "
+            f"({saved.get('env_id')}); {spec.env_id} has S={spec.state_dim}, A={spec.action_dim}"
+        )

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from mbplan import fast
 from mbplan.distributions import TanhNormal, uniform_log_prob
-from mbplan.fused_value import FusedRollout, fused_q
+from mbplan.fast.fused_value import FusedRollout, RolloutSettings, fused_q
 from mbplan.models.retrace import retrace
 from mbplan.objective import pessimistic
 
@@ -56,8 +57,9 @@ class ModelValue:
         gamma: Discount γ.
         lam: Retrace λ_R.
         alpha: KL weight α of the future terms.
-        fused: Evaluate with :class:`~mbplan.fused_value.FusedRollout` (same values to rounding,
-            same gradient to the actions, a fraction of the ops) when the networks allow it, the
+        fused: Evaluate with :class:`~mbplan.fast.fused_value.FusedRollout` (same values to
+            rounding, same gradient to the actions, a fraction of the ops) when the networks allow
+            it (and MBPLAN_FAST is on), the
             states need no gradient and no rollout is recorded. It holds copies of the weights,
             rebuilt when a network is swapped or any weight or buffer is changed in place. A
             change made through another tensor that aliases the weights (e.g. the flat buffer of
@@ -98,7 +100,10 @@ class ModelValue:
         in-place change.
         """
         modules = [self.dynamics, self.reward, self.critic, self.future_policy]
-        key: list = [id(m) for m in modules]
+        alpha = self.alpha
+        scalars = (self.horizon, self.beta, self.gamma, self.lam)
+        alpha_key = (id(alpha), alpha._version) if isinstance(alpha, Tensor) else alpha
+        key: list = [id(m) for m in modules] + [scalars, alpha_key]
         stack = [m for m in modules if isinstance(m, nn.Module)]
         while stack:
             module = stack.pop()
@@ -111,9 +116,14 @@ class ModelValue:
         """The fused evaluator when it applies to this call, else None."""
         if not self.fused or self.record is not None or states.requires_grad:
             return None
+        if not fast.enabled():
+            return None
         key = self._networks_key()
         if key != self._fused_key:  # first call, or networks swapped or changed
-            self.fused_rollout = FusedRollout.from_value(self)  # None: networks of another form
+            settings = RolloutSettings(self.horizon, self.beta, self.gamma, self.lam, self.alpha)
+            self.fused_rollout = FusedRollout.from_networks(  # None: networks of another form
+                self.dynamics, self.reward, self.critic, self.future_policy, settings
+            )
             self._fused_key = key
         return self.fused_rollout
 

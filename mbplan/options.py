@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import torch
+
+from mbplan.agent import AGENTS, AgentConfig
+from mbplan.errors import UserError
 
 T = TypeVar("T")
 
@@ -62,3 +69,75 @@ def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
     """Build dataclass ``cls`` from the parsed flags of :func:`add_dataclass_args`."""
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     return cls(**values)
+
+
+@dataclass
+class TrainOptions:
+    """Options of ``mbplan train``."""
+
+    env: str = option("HalfCheetah-v5", "gymnasium env id with continuous actions")
+    agent: str = option("direct", "policy: direct network or iterative optimizer", choices=AGENTS)
+    steps: int = option(200_000, "total env steps (one gradient update per step after warm-up)")
+    seed: int = option(0, "seed of weights, sampling noise and env resets")
+    out: str = option("runs/run", "run folder (config, metrics.jsonl, checkpoints)")
+    beta: float = option(1.0, "pessimism β: Q̂ = mean − β·std over critics (2.5 for iterative)")
+    iters: int = option(5, "iterations N of the iterative optimizer (train and act)")
+    samples: int = option(10, "samples K per state in the objective")
+    batch_size: int = option(256, "batch size of every update")
+    lr: float = option(3e-4, "Adam learning rate of every parameter group")
+    gamma: float = option(0.99, "discount γ")
+    tau: float = option(0.005, "Polyak rate τ of the target critics")
+    warmup: int = option(5000, "uniformly random env steps before the first update")
+    buffer_size: int = option(1_000_000, "replay capacity (transitions)")
+    eval_interval: int = option(5000, "env steps between evaluations (0 = never)")
+    eval_episodes: int = option(5, "deterministic (tanh μ) episodes per evaluation")
+    checkpoint_interval: int = option(10_000, "env steps between checkpoints")
+    log_interval: int = option(1000, "env steps between training-metric lines")
+    device: str = option("cpu", "torch device: cpu or cuda")
+    threads: int = option(
+        0, "torch CPU threads (0 = one per core); 1 when running jobs side by side"
+    )
+    value: str = option(
+        "model-free", "Ĵ on the critics, or on H-step model rollouts + Retrace",
+        choices=("model-free", "model"),
+    )  # fmt: skip
+    horizon: int = option(2, "rollout horizon H of --value model")
+    model_warmup: int = option(1000, "model-only updates after the random warm-up (--value model)")
+    wandb: bool = option(False, "log to Weights & Biases (offline unless WANDB_MODE says online)")
+    compile: bool = option(
+        True, "torch.compile the direct model-free update (one-off ~20 s; else no effect)"
+    )
+
+    def agent_config(self) -> AgentConfig:
+        """The agent hyperparameters among these options."""
+        return AgentConfig(
+            agent=self.agent,
+            beta=self.beta,
+            n_iters=self.iters,
+            n_samples=self.samples,
+            gamma=self.gamma,
+            tau=self.tau,
+            lr=self.lr,
+            value=self.value,
+            horizon=self.horizon,
+        )
+
+    def validate(self) -> None:
+        """Raise :class:`UserError` on values no run can use."""
+        positive = ("steps", "iters", "samples", "batch_size", "buffer_size", "checkpoint_interval",
+                    "horizon")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        for name in ("warmup", "eval_interval", "eval_episodes"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+        for name in ("beta", "lr", "gamma", "tau"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"--{name} must be finite")
+        if self.agent not in AGENTS:
+            raise UserError(f"unknown agent {self.agent!r}; choose from {', '.join(AGENTS)}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda requested but CUDA is not available")

@@ -1,4 +1,6 @@
-"""Model-free training loop: collect, update, evaluate, checkpoint, resume (DESIGN.md §5, §7).
+"""Training loop: collect, update, evaluate, checkpoint, resume (DESIGN.md §5–§7).
+
+The agent's value is model-free (the critics) or model-based (H-step rollouts, --value model).
 
 A run folder holds ``config.json`` (every option and the mbplan version), ``metrics.jsonl`` (one
 JSON object per line) and checkpoints (``ckpt-<step>/``: weights, optimizer state, replay buffer and
@@ -8,10 +10,9 @@ RNG state in safetensors, counters in JSON). ``resume`` continues from the newes
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,146 +20,21 @@ import numpy as np
 import torch
 
 import mbplan
-from mbplan.agent import AGENTS, Agent, AgentConfig
+from mbplan.agent import Agent
 from mbplan.checkpoint import (
+    agent_tensors,
     atomic_write_text,
-    find_checkpoint,
+    load_agent,
     load_checkpoint,
-    optimizer_from_tensors,
-    optimizer_to_tensors,
+    restore_agent,
     save_checkpoint,
 )
-from mbplan.cli_args import option
-from mbplan.envs import EnvSpec, env_spec, make_env, render_frame, write_video
-from mbplan.errors import UserError
-from mbplan.perf import tune_malloc
+from mbplan.envs import check_env_matches, env_spec, make_env, render_frame, write_video
+from mbplan.fast.malloc import tune_malloc
+from mbplan.options import TrainOptions
 from mbplan.replay import ReplayBuffer
 
-
-@dataclass
-class TrainOptions:
-    """Options of ``mbplan train``."""
-
-    env: str = option("HalfCheetah-v5", "gymnasium env id with continuous actions")
-    agent: str = option("direct", "policy: direct network or iterative optimizer", choices=AGENTS)
-    steps: int = option(200_000, "total env steps (one gradient update per step after warm-up)")
-    seed: int = option(0, "seed of weights, sampling noise and env resets")
-    out: str = option("runs/run", "run folder (config, metrics.jsonl, checkpoints)")
-    beta: float = option(1.0, "pessimism β: Q̂ = mean − β·std over critics (2.5 for iterative)")
-    iters: int = option(5, "iterations N of the iterative optimizer (train and act)")
-    samples: int = option(10, "samples K per state in the objective")
-    batch_size: int = option(256, "batch size of every update")
-    lr: float = option(3e-4, "Adam learning rate of every parameter group")
-    gamma: float = option(0.99, "discount γ")
-    tau: float = option(0.005, "Polyak rate τ of the target critics")
-    warmup: int = option(5000, "uniformly random env steps before the first update")
-    buffer_size: int = option(1_000_000, "replay capacity (transitions)")
-    eval_interval: int = option(5000, "env steps between evaluations (0 = never)")
-    eval_episodes: int = option(5, "deterministic (tanh μ) episodes per evaluation")
-    checkpoint_interval: int = option(10_000, "env steps between checkpoints")
-    log_interval: int = option(1000, "env steps between training-metric lines")
-    device: str = option("cpu", "torch device: cpu or cuda")
-    threads: int = option(
-        0, "torch CPU threads (0 = one per core); 1 when running jobs side by side"
-    )
-    value: str = option(
-        "model-free", "Ĵ on the critics, or on H-step model rollouts + Retrace",
-        choices=("model-free", "model"),
-    )  # fmt: skip
-    horizon: int = option(2, "rollout horizon H of --value model")
-    model_warmup: int = option(1000, "model-only updates after the random warm-up (--value model)")
-    wandb: bool = option(False, "log to Weights & Biases (offline unless WANDB_MODE says online)")
-    compile: bool = option(
-        True, "torch.compile the direct model-free update (one-off ~20 s; else no effect)"
-    )
-
-    def agent_config(self) -> AgentConfig:
-        """The agent hyperparameters among these options."""
-        return AgentConfig(
-            agent=self.agent,
-            beta=self.beta,
-            n_iters=self.iters,
-            n_samples=self.samples,
-            gamma=self.gamma,
-            tau=self.tau,
-            lr=self.lr,
-            value=self.value,
-            horizon=self.horizon,
-        )
-
-    def validate(self) -> None:
-        """Raise :class:`UserError` on values no run can use."""
-        positive = ("steps", "iters", "samples", "batch_size", "buffer_size", "checkpoint_interval",
-                    "horizon")  # fmt: skip
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                )
-        for name in ("warmup", "eval_interval", "eval_episodes"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0")
-        for name in ("beta", "lr", "gamma", "tau"):
-            if not math.isfinite(getattr(self, name)):
-                raise UserError(f"--{name} must be finite")
-        if self.agent not in AGENTS:
-            raise UserError(f"unknown agent {self.agent!r}; choose from {', '.join(AGENTS)}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("--device cuda requested but CUDA is not available")
-
-
-# -- agents in and out of checkpoints ---------------------------------------------------------
-
-
-def agent_tensors(agent: Agent) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """Weights and optimizer state as safetensors groups, plus JSON optimizer settings."""
-    groups = {"weights": dict(agent.state_dict())}
-    settings = {}
-    for name, opt in agent.optimizers().items():
-        groups[f"optim_{name}"], settings[name] = optimizer_to_tensors(opt)
-    return groups, settings
-
-
-def restore_agent(agent: Agent, groups: dict[str, dict[str, torch.Tensor]], meta: dict) -> None:
-    """Load weights (and optimizer state when present) into ``agent``.
-
-    Raises:
-        UserError: The checkpoint does not fit this agent (other env shape, other agent kind).
-    """
-    try:
-        agent.load_state_dict(groups["weights"])
-        for name, opt in agent.optimizers().items():
-            if f"optim_{name}" in groups and name in meta.get("optimizers", {}):
-                optimizer_from_tensors(opt, groups[f"optim_{name}"], meta["optimizers"][name])
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise UserError(f"checkpoint does not fit the agent: {str(exc).splitlines()[0]}") from None
-
-
-def load_agent(path: str | Path, device: str = "cpu") -> tuple[Agent, dict[str, Any]]:
-    """Build the agent of a run folder or checkpoint and load its weights.
-
-    Returns:
-        (agent in eval mode, the run's config dict with an ``env_spec`` entry).
-    """
-    groups, meta = load_checkpoint(path)
-    config = meta.get("config")
-    spec = meta.get("env_spec")
-    if not isinstance(config, dict) or not isinstance(spec, dict):
-        raise UserError(f"corrupt checkpoint {find_checkpoint(path)}: no config or env_spec")
-    known = {f.name for f in fields(TrainOptions)}
-    opts = TrainOptions(**{k: v for k, v in config.items() if k in known})
-    agent = Agent(spec["state_dim"], spec["action_dim"], opts.agent_config()).to(device)
-    restore_agent(agent, groups, meta)
-    return agent, {**config, "env_spec": spec}
-
-
-def check_env_matches(spec: EnvSpec, saved: dict[str, Any]) -> None:
-    """Raise :class:`UserError` if an env's sizes differ from a checkpoint's."""
-    if (spec.state_dim, spec.action_dim) != (saved["state_dim"], saved["action_dim"]):
-        raise UserError(
-            f"checkpoint was trained on S={saved['state_dim']}, A={saved['action_dim']} "
-            f"({saved.get('env_id')}); {spec.env_id} has S={spec.state_dim}, A={spec.action_dim}"
-        )
+__all__ = ["TrainOptions", "Trainer", "eval_checkpoint", "evaluate"]
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -210,6 +86,7 @@ class Trainer:
         opts: :class:`TrainOptions`.
         resume: Continue from the newest completed checkpoint in ``opts.out``.
         on_progress: Called after every env step with (step, stats dict) — the CLI's progress bar.
+        on_checkpoint: Called with the checkpoint folder after each one is written (sweeps).
     """
 
     def __init__(
@@ -217,12 +94,13 @@ class Trainer:
         opts: TrainOptions,
         resume: bool = False,
         on_progress: Callable[[int, dict[str, Any]], None] | None = None,
+        on_checkpoint: Callable[[Path], None] | None = None,
     ):
         opts.validate()
         tune_malloc()
         if opts.threads > 0:
             torch.set_num_threads(opts.threads)
-        self.opts, self.on_progress = opts, on_progress
+        self.opts, self.on_progress, self.on_checkpoint = opts, on_progress, on_checkpoint
         self.run_dir = Path(opts.out)
         self.device = torch.device(opts.device)
         torch.manual_seed(opts.seed)
@@ -376,7 +254,9 @@ class Trainer:
                           "eval_return_std": std, "eval_returns": returns,
                           "train_seconds": self.train_seconds})  # fmt: skip
             if self.step % opts.checkpoint_interval == 0 or self.step == opts.steps:
-                self.save()
+                checkpoint = self.save()
+                if self.on_checkpoint is not None:
+                    self.on_checkpoint(checkpoint)
             if self.on_progress is not None:
                 self.on_progress(
                     self.step, {"eval": self.last_eval, "updating": self.step > opts.warmup}

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from mbplan import fast
+
 # Rows per block of the frozen critics' fused evaluation: the block's activations stay in cache.
 _FROZEN_CHUNK = 512
 
@@ -130,7 +132,7 @@ class EnsembleQ(nn.Module):
         """
         lead = actions.shape[:-1]
         states = states.expand(*lead, states.shape[-1])
-        if self._frozen_action_grad(states, actions):
+        if fast.enabled() and self._frozen_action_grad(states, actions):
             q = _FrozenActionGrad.apply(
                 actions.reshape(-1, actions.shape[-1]), states.reshape(-1, states.shape[-1]), self
             )  # (E, N)
@@ -139,7 +141,10 @@ class EnsembleQ(nn.Module):
         x = x.reshape(-1, x.shape[-1])  # (N, S+A)
         for layer in self.hidden:
             x = layer(x).relu_()  # (E, N, hidden); in place: baddbmm keeps its input, not output
-        q = _EnsembleHead.apply(x, self.head.weight, self.head.bias)  # (E, N)
+        if fast.enabled():
+            q = _EnsembleHead.apply(x, self.head.weight, self.head.bias)  # (E, N)
+        else:  # the plain twin: autograd through the batched matmul
+            q = self.head(x).squeeze(-1)  # (E, N)
         return q.reshape(self.n_members, *lead)  # (E, ...)
 
     def values_and_action_jacobian(

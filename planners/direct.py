@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from mbplan import fast
 from mbplan.distributions import TanhNormal
 from mbplan.models.mlp import mlp
 from mbplan.objective import Objective
@@ -54,7 +55,10 @@ class DirectPlanner(AmortizedPlanner):
 
         Same value as the generic loss with I = 1 (one network call, one objective evaluation);
         the returned trace (detached) holds λ_1 and Ĵ(λ_1) only (Ĵ(λ_0) is NaN: not evaluated).
+        With ``MBPLAN_FAST=0`` it is the generic loss itself.
         """
+        if not fast.enabled():
+            return super().loss(objective, states, generator, mask, n_iters)
         dist = self(states)
         final = objective(states, dist, generator=generator)
         J = final.value  # (B,)

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from mbplan import fast
 from mbplan.distributions import TanhNormal
 from mbplan.models.mlp import mlp
 from mbplan.objective import Objective, ObjectiveValue
@@ -143,8 +144,11 @@ class IterativePlanner(AmortizedPlanner):
 
         Returns:
             (loss whose value is the true mean −Ĵ plus penalty and whose gradient is exact,
-            the :class:`PlanResult` with detached trace and the final evaluation).
+            the :class:`PlanResult` with detached trace and the final evaluation). With
+            ``MBPLAN_FAST=0``, the generic loss of :class:`AmortizedPlanner` (its plain twin).
         """
+        if not fast.enabled():
+            return super().loss(objective, states, generator, mask, n_iters)
         n_iters = self.default_iters if n_iters is None else n_iters
         B = states.shape[0]
         dist = self._check_inputs(objective, states, None)

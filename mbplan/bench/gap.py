@@ -33,9 +33,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mbplan.analysis import (
+from mbplan.distributions import TanhNormal
+from mbplan.errors import UserError
+from mbplan.mpc import planner_for
+from mbplan.objective import Objective
+from mbplan.options import option
+from mbplan.planners import Planner
+from mbplan.planners.base import worst_if_nonfinite
+from mbplan.report import (
     OBJECTIVE_KINDS,
     CommonOptions,
+    format_table,
     load,
     new_figure,
     objective_for,
@@ -44,12 +52,6 @@ from mbplan.analysis import (
     save_figure,
     write_csv,
 )
-from mbplan.cli_args import option
-from mbplan.distributions import TanhNormal
-from mbplan.errors import UserError
-from mbplan.objective import Objective
-from mbplan.planners import Planner
-from mbplan.planners.base import worst_if_nonfinite
 
 AMORTIZED = ("direct", "iterative")
 COLUMNS = ("planner", "state", "objective_before", "objective_after", "gap", "iterations")
@@ -239,9 +241,6 @@ def plot(gaps: dict[str, dict[str, Tensor]], title: str):
 
 def run(opts: GapOptions) -> None:
     """Handler of ``mbplan bench gap``: prints mean ± std gap, writes the CSV and the figure."""
-    from mbplan.cli import format_table
-    from mbplan.planning import planner_for
-
     if min(opts.states, opts.horizon, opts.patience, opts.max_iters, opts.eval_samples) < 1:
         raise UserError("--states, --horizon, --patience, --max-iters, --eval-samples must be >= 1")
     if opts.lr <= 0 or opts.tol < 0:

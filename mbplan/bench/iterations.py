@@ -15,9 +15,17 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mbplan.analysis import (
+from mbplan.distributions import TanhNormal
+from mbplan.envs import check_env_matches, env_spec, make_env
+from mbplan.errors import UserError
+from mbplan.mpc import MPC, PlanSettings, planner_for
+from mbplan.objective import Objective
+from mbplan.options import option
+from mbplan.planners import Planner, PlanResult, make_planner
+from mbplan.report import (
     OBJECTIVE_KINDS,
     CommonOptions,
+    format_table,
     load,
     new_figure,
     objective_for,
@@ -25,11 +33,6 @@ from mbplan.analysis import (
     save_figure,
     write_csv,
 )
-from mbplan.cli_args import option
-from mbplan.distributions import TanhNormal
-from mbplan.errors import UserError
-from mbplan.objective import Objective
-from mbplan.planners import Planner, PlanResult
 
 COLUMNS = ("contender", "episode", "return")
 STEM = "bench-iterations"
@@ -99,9 +102,6 @@ class Contender:
 
 def contenders(setup, opts: IterationsOptions) -> list[Contender]:
     """(a) direct, (b) direct + Adam, (c) iterative N, (d) iterative N + extra."""
-    from mbplan.planners import make_planner
-    from mbplan.planning import planner_for
-
     direct = planner_for(setup, "direct", opts.objective)
     iterative = planner_for(setup, "iterative", opts.objective)
     n = int(iterative.default_iters)
@@ -138,11 +138,6 @@ def plot(returns: dict[str, list[float]], title: str):
 
 def run(opts: IterationsOptions) -> None:
     """Handler of ``mbplan bench iterations``: prints the table, writes the CSV and the figure."""
-    from mbplan.cli import format_table
-    from mbplan.envs import env_spec, make_env
-    from mbplan.planning import run_mpc
-    from mbplan.train import check_env_matches
-
     if min(opts.episodes, opts.max_steps, opts.horizon, opts.extra_adam, opts.extra_iters) < 1:
         raise UserError(
             "--episodes, --max-steps, --horizon, --extra-adam, --extra-iters must be >= 1"
@@ -153,8 +148,8 @@ def run(opts: IterationsOptions) -> None:
     check_env_matches(env_spec(env), setup.config["env_spec"])
     rows, returns = [], {}
     for c in contenders(setup, opts):
-        stats = run_mpc(setup, env, c.planner, objective, opts.episodes, c.iters, opts.seed,
-                        max_steps=opts.max_steps)  # fmt: skip
+        mpc = MPC(setup, c.planner, objective, PlanSettings(c.iters, "prior", 0.0), opts.seed)
+        stats = mpc.run(env, opts.episodes, opts.max_steps)
         returns[c.name] = stats.returns
         rows.append({
             "contender": c.name,

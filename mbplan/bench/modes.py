@@ -17,9 +17,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mbplan.analysis import (
+from mbplan.distributions import TanhNormal
+from mbplan.envs import make_env
+from mbplan.errors import UserError
+from mbplan.mpc import planner_for
+from mbplan.objective import Objective
+from mbplan.options import option
+from mbplan.planners import Planner
+from mbplan.report import (
     OBJECTIVE_KINDS,
     CommonOptions,
+    format_table,
     load,
     new_figure,
     objective_for,
@@ -28,11 +36,6 @@ from mbplan.analysis import (
     save_figure,
     write_csv,
 )
-from mbplan.cli_args import option
-from mbplan.distributions import TanhNormal
-from mbplan.errors import UserError
-from mbplan.objective import Objective
-from mbplan.planners import Planner
 
 COLUMNS = ("state", "l2_mean_action", "l2_loc")
 
@@ -102,7 +105,7 @@ def repeated_runs(
 def visited_states(setup, n_states: int, seed: int, stride: int = 5) -> torch.Tensor:
     """``n_states`` real states [N, S] on the run's policy, every ``stride``-th step.
 
-    The direct (future) policy's states via :func:`mbplan.analysis.on_policy_states` where the run
+    The direct (future) policy's states via :func:`mbplan.report.on_policy_states` where the run
     has one; an iterative run without a distilled direct network acts with its own optimizer.
     """
     try:
@@ -111,7 +114,6 @@ def visited_states(setup, n_states: int, seed: int, stride: int = 5) -> torch.Te
         pass
     else:
         return on_policy_states(setup, n_states, seed, stride)
-    from mbplan.envs import make_env
 
     env = make_env(setup.config["env"], seed=seed)
     generator = torch.Generator().manual_seed(seed)
@@ -163,9 +165,6 @@ class ModesRow:
 
 def run(opts: ModesOptions, explicit: set[str] | None = None) -> None:
     """Measure run-to-run distances, write ``modes.csv`` and ``modes.png``, print a summary."""
-    from mbplan.cli import format_table
-    from mbplan.planning import planner_for
-
     setup = load(opts)
     dims = _check(opts, setup.action_dim, explicit or set())
     planner = planner_for(setup, "iterative", opts.objective)

@@ -42,9 +42,15 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from mbplan.analysis import (
+from mbplan.errors import UserError
+from mbplan.mpc import planner_for
+from mbplan.objective import Objective
+from mbplan.options import option
+from mbplan.planners import Planner, PlanTrace, make_planner
+from mbplan.report import (
     OBJECTIVE_KINDS,
     CommonOptions,
+    format_table,
     load,
     new_figure,
     objective_for,
@@ -53,10 +59,6 @@ from mbplan.analysis import (
     save_figure,
     write_csv,
 )
-from mbplan.cli_args import option
-from mbplan.errors import UserError
-from mbplan.objective import Objective
-from mbplan.planners import Planner, PlanTrace, make_planner
 
 PLANNER_NAMES = ("iterative", "adam", "cem", "direct")
 #: Baselines run at a fixed and at a tuned step size.
@@ -410,9 +412,6 @@ def _check(opts: PlannersOptions) -> None:
 
 def run(opts: PlannersOptions) -> None:
     """Handler of ``mbplan bench planners``: prints the tables, writes the CSVs and the figure."""
-    from mbplan.cli import format_table
-    from mbplan.planning import planner_for
-
     _check(opts)
     setup = load(opts)
     objective = objective_for(setup, opts.objective, opts.horizon, opts.samples or None)

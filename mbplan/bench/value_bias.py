@@ -29,11 +29,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mbplan.analysis import CommonOptions, load, new_figure, out_path, save_figure, write_csv
-from mbplan.cli_args import option
 from mbplan.distributions import uniform_log_prob
+from mbplan.envs import make_env
 from mbplan.errors import UserError
 from mbplan.objective import pessimistic
+from mbplan.options import option
+from mbplan.report import (
+    CommonOptions,
+    format_table,
+    load,
+    new_figure,
+    out_path,
+    save_figure,
+    write_csv,
+)
 
 COLUMNS = ("beta", "state", "t", "q", "mc_return", "bias")
 
@@ -102,8 +111,6 @@ def collect(setup, episodes: int, record_steps: int, extra_steps: int, seed: int
         extra_steps: Steps run past them (through the time limit) for the returns only.
         seed: Seeds resets and the policy's sampling noise.
     """
-    from mbplan.envs import make_env
-
     agent = setup.agent
     gamma, alpha = float(agent.config.gamma), float(agent.alpha)
     log_prior = uniform_log_prob(setup.action_dim)
@@ -163,8 +170,6 @@ class BiasRow:
 
 def run(opts: ValueBiasOptions) -> None:
     """Measure Q̂ − G per β, write ``value_bias.csv`` and ``value_bias.png``, print a summary."""
-    from mbplan.cli import format_table
-
     if not opts.betas:
         raise UserError("--betas needs at least one value")
     if opts.episodes < 1:

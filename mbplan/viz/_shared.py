@@ -1,6 +1,6 @@
 """What the ``viz`` commands share: an on-policy state by index, the real env continued from it.
 
-The on-policy states are those of :func:`mbplan.analysis.on_policy_states`: every 5th state visited
+The on-policy states are those of :func:`mbplan.report.on_policy_states`: every 5th state visited
 by the run's direct policy (tanh μ) from ``reset(seed)``. State ``i`` is reached again by replaying
 the recorded actions from the reset of its episode, so the real env can continue from it.
 
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mbplan.analysis import run_policy
 from mbplan.errors import UserError
+from mbplan.report import run_policy
 
 #: On-policy states are every STRIDE-th step (the default of ``on_policy_states``).
 STRIDE = 5

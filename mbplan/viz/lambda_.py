@@ -20,9 +20,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mbplan.analysis import (
+from mbplan.distributions import TanhNormal
+from mbplan.envs import make_env
+from mbplan.errors import UserError
+from mbplan.mpc import planner_for
+from mbplan.objective import Objective
+from mbplan.options import option
+from mbplan.planners import Planner
+from mbplan.report import (
     OBJECTIVE_KINDS,
     CommonOptions,
+    format_table,
     load,
     new_figure,
     objective_for,
@@ -30,11 +38,6 @@ from mbplan.analysis import (
     save_figure,
     write_csv,
 )
-from mbplan.cli_args import option
-from mbplan.distributions import TanhNormal
-from mbplan.errors import UserError
-from mbplan.objective import Objective
-from mbplan.planners import Planner
 
 COLUMNS = ("step", "iteration", "loc", "scale", "objective")
 
@@ -90,8 +93,6 @@ def record_episode(
     eval_samples: int, seed: int,
 ) -> LambdaTrace:  # fmt: skip
     """Plan at each real state of one episode (up to ``steps``), act tanh(μ_I), keep the trace."""
-    from mbplan.envs import make_env
-
     env = make_env(setup.config["env"], seed=seed)
     generator = torch.Generator().manual_seed(seed)
     obs, _ = env.reset(seed=seed)
@@ -138,9 +139,6 @@ class DeltaRow:
 
 def run(opts: LambdaOptions) -> None:
     """Record λ along an episode, write ``lambda.csv`` and ``lambda.png``, print ΔĴ per step."""
-    from mbplan.cli import format_table
-    from mbplan.planning import planner_for
-
     if opts.steps < 1:
         raise UserError(f"--steps must be >= 1, got {opts.steps}")
     if opts.iters < 0 or opts.samples < 0 or opts.eval_samples < 0:

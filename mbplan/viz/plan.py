@@ -23,10 +23,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mbplan.analysis import CommonOptions, load, new_figure, out_path, save_figure, write_json
-from mbplan.cli_args import option
+from mbplan.checkpoint import load_plan_step
+from mbplan.envs import check_env_matches, env_spec, make_env
 from mbplan.errors import UserError
+from mbplan.mpc import model_objective, planner_for
+from mbplan.objective import pessimistic
+from mbplan.options import option
 from mbplan.planners import PLANNERS
+from mbplan.report import CommonOptions, load, new_figure, out_path, save_figure, write_json
 from mbplan.viz._shared import as_state, real_state, replay_to, state_names
 
 
@@ -114,45 +118,15 @@ def from_file(path: str, step: int) -> tuple[PlanRecord, str]:
     Raises:
         UserError: Missing or corrupt file, or ``step`` out of range.
     """
-    from safetensors import SafetensorError, safe_open
-
-    if not Path(path).is_file():
-        raise UserError(f"plans file not found: {path}")
-    try:
-        with safe_open(path, "pt") as f:
-            keys = set(f.keys())
-            planner = (f.metadata() or {}).get("planner", "planner")
-            steps = sorted({k.split("/")[0] for k in keys if k.endswith("/state")})
-            if not 0 <= step < len(steps):
-                raise UserError(f"--step must be in [0, {len(steps)}) for {path}")
-            prefix = steps[step]
-
-            def get(name: str) -> Tensor:
-                return f.get_tensor(f"{prefix}/{name}")
-
-            names = sorted({k.split("/")[1] for k in keys if k.startswith(f"{prefix}/rollout")})
-            rollouts = [{n: get(f"{r}/{n}") for n in ("states", "rewards", "q")} for r in names]
-            objective = get("trace/objective")[:, 0].clone()  # (I+1,)
-            loc = get("trace/loc")[:, 0]  # (I+1, A)
-            if not torch.isfinite(objective[-1]):
-                objective[-1] = get("objective_final")[0]
-            episode = int(get("episode_t")[0])
-            H = rollouts[0]["states"].shape[0] - 1 if rollouts else 0
-            real = [get("state")]
-            for later in steps[step + 1 : step + 1 + H]:
-                if int(f.get_tensor(f"{later}/episode_t")[0]) != episode:
-                    break
-                real.append(f.get_tensor(f"{later}/state"))
-    except (OSError, SafetensorError, ValueError, IndexError) as exc:
-        raise UserError(f"corrupt plans file {path}: {exc}") from None
-    pairs = iterate_rollouts(len(rollouts), objective.shape[0] - 1)
+    rec = load_plan_step(path, step)
+    pairs = iterate_rollouts(len(rec.rollouts), rec.objective.shape[0] - 1)
     idx = [k for k, _ in pairs]
     record = PlanRecord(
-        **_stack(rollouts, pairs), objective=objective[idx], loc=loc[idx],
-        real_states=torch.stack(real), real_rewards=None, real_q=None,
+        **_stack(rec.rollouts, pairs), objective=rec.objective[idx], loc=rec.loc[idx],
+        real_states=rec.real_states, real_rewards=None, real_q=None,
         where=f"step {step} of {Path(path).name}",
     )  # fmt: skip
-    return record, planner
+    return record, rec.planner
 
 
 # -- live ------------------------------------------------------------------------------------------
@@ -164,11 +138,6 @@ def plan_live(opts: PlanVizOptions) -> tuple[PlanRecord, str]:
     Returns:
         (the record, the planner's name).
     """
-    from mbplan.envs import env_spec, make_env
-    from mbplan.objective import pessimistic
-    from mbplan.planning import model_objective, planner_for
-    from mbplan.train import check_env_matches
-
     if opts.horizon < 1 or opts.iters < 0 or opts.samples < 0:
         raise UserError("--horizon must be >= 1, --iters and --samples >= 0")
     setup = load(opts)

@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mbplan.analysis import (
+from mbplan.distributions import TanhNormal, squash
+from mbplan.errors import UserError
+from mbplan.model_value import ModelValue
+from mbplan.mpc import planner_for
+from mbplan.objective import Objective
+from mbplan.options import option
+from mbplan.report import (
     OBJECTIVE_KINDS,
     CommonOptions,
     load,
@@ -32,11 +38,6 @@ from mbplan.analysis import (
     save_figure,
     write_csv,
 )
-from mbplan.cli_args import option
-from mbplan.distributions import TanhNormal, squash
-from mbplan.errors import UserError
-from mbplan.model_value import ModelValue
-from mbplan.objective import Objective
 from mbplan.viz._shared import real_state
 
 COLUMNS = ("mu_x", "mu_y", "objective")
@@ -136,8 +137,6 @@ def evaluate_fixed_noise(
 
 def run(opts: SurfaceOptions) -> None:
     """Map Ĵ over two policy-mean dims at one state; write the CSV and the contour plot."""
-    from mbplan.planning import planner_for
-
     if opts.grid < 2 or opts.batch < 1 or opts.span <= 0 or opts.horizon < 1:
         raise UserError("--grid must be >= 2, --batch and --horizon >= 1, --span > 0")
     if opts.iters < 0 or opts.samples < 0:

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mbplan.analysis import new_figure, out_path, save_figure, write_csv
-from mbplan.cli_args import option
+from mbplan.checkpoint import default_bundle
 from mbplan.errors import UserError
+from mbplan.options import option
+from mbplan.report import format_table, new_figure, out_path, save_figure, write_csv
 
 COLUMNS = ("kind", "group", "step", "seconds", "mean", "std", "n_seeds")
 KINDS = ("eval", "improvement")
@@ -174,12 +175,8 @@ class CurveRow:
 
 def run(opts: TrainingOptions) -> None:
     """Read the runs, write ``training.csv`` and ``training.png``, print the last points."""
-    from mbplan.cli import format_table
-
     folders = list(opts.runs)
     if not folders:
-        from mbplan.planning import default_bundle
-
         folders = [str(default_bundle())]
     runs = [read_run(r) for r in folders]
     empty = [r for r, c in zip(folders, runs) if not c.series]

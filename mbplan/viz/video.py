@@ -1,6 +1,6 @@
 """``mbplan viz video``: an MPC episode beside the model's prediction of it, as an MP4.
 
-One episode of receding-horizon control against Ĵ_MB (:func:`mbplan.planning.run_mpc`), rendered
+One episode of receding-horizon control against Ĵ_MB (:func:`mbplan.mpc.run_mpc`), rendered
 with MuJoCo offscreen. Left half: the real env at step t. Right half: the model's prediction of
 that same step, made h = min(t, H) steps earlier by the plan at t − h (the mean over the K samples
 of its final-iterate rollout), so the two halves show the same instant and their difference is the
@@ -24,12 +24,20 @@ from typing import Any
 
 import numpy as np
 
-from mbplan.analysis import CommonOptions, load, out_path, write_json
-from mbplan.cli_args import option
-from mbplan.cli_planning import init_option, trust_option
+from mbplan.envs import check_env_matches, env_spec, make_env, render_frame, write_video
 from mbplan.errors import UserError
+from mbplan.mpc import (
+    MPC,
+    PlanSettings,
+    check_trust,
+    init_option,
+    model_objective,
+    planner_for,
+    trust_option,
+)
+from mbplan.options import option
 from mbplan.planners import PLANNERS
-from mbplan.planning import check_trust
+from mbplan.report import CommonOptions, load, out_path, write_json
 
 #: Frames per second at most (envs with a small dt play slower than real time).
 MAX_FPS = 60
@@ -176,10 +184,6 @@ def _rmse(a: np.ndarray, b: np.ndarray) -> float:
 
 def run(opts: VideoOptions) -> None:
     """Run one MPC episode; write it beside the model's predictions as an MP4, and a JSON."""
-    from mbplan.envs import env_spec, make_env, render_frame, write_video
-    from mbplan.planning import model_objective, planner_for, run_mpc
-    from mbplan.train import check_env_matches
-
     if opts.horizon < 1 or opts.max_steps < 1 or opts.iters < 0 or opts.samples < 0:
         raise UserError("--horizon and --max-steps must be >= 1, --iters and --samples >= 0")
     trust = check_trust(opts.trust, opts.planner)
@@ -196,9 +200,9 @@ def run(opts: VideoOptions) -> None:
         rec = _Recorder(env)
         plans: list[dict] = []
         real_frames: list[np.ndarray] = []
-        run_mpc(setup, rec, planner, objective, 1, opts.iters or None, opts.seed, init=opts.init,
-                trust=trust, max_steps=opts.max_steps, plans=plans,
-                frames=real_frames)  # fmt: skip
+        settings = PlanSettings(opts.iters or None, opts.init, trust)
+        mpc = MPC(setup, planner, objective, settings, opts.seed)
+        mpc.run(rec, 1, opts.max_steps, plans=plans, frames=real_frames)
         env.reset(seed=opts.seed)  # back to the first state, to check the pose layout on it
         layout = pose_layout(env, rec.obs[0])
     finally:

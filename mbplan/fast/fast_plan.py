@@ -37,7 +37,7 @@ from mbplan.distributions import (
     kl_between,
     uniform_log_prob,
 )
-from mbplan.fused_value import FusedRollout
+from mbplan.fast.fused_value import FusedRollout
 from mbplan.model_value import ModelValue
 from mbplan.objective import AnchoredObjective, Objective
 from mbplan.planners.base import PlanResult, PlanTrace, _keep_finite, worst_if_nonfinite

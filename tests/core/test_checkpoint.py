@@ -7,16 +7,17 @@ from torch import nn
 from mbplan.agent import Agent, AgentConfig
 from mbplan.checkpoint import (
     LATEST,
+    agent_tensors,
     completed_checkpoints,
     find_checkpoint,
     load_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
+    restore_agent,
     save_checkpoint,
 )
 from mbplan.errors import UserError
 from mbplan.replay import Batch
-from mbplan.train import agent_tensors, restore_agent
 
 
 def tensor_groups() -> dict[str, dict[str, torch.Tensor]]:

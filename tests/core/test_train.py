@@ -17,10 +17,16 @@ import pytest
 import torch
 
 import mbplan
-from mbplan.checkpoint import LATEST, completed_checkpoints, find_checkpoint, load_checkpoint
-from mbplan.envs import EnvSpec
+from mbplan.checkpoint import (
+    LATEST,
+    completed_checkpoints,
+    find_checkpoint,
+    load_agent,
+    load_checkpoint,
+)
+from mbplan.envs import EnvSpec, check_env_matches
 from mbplan.errors import UserError
-from mbplan.train import Trainer, TrainOptions, check_env_matches, eval_checkpoint, load_agent
+from mbplan.train import Trainer, TrainOptions, eval_checkpoint
 
 ENV = "InvertedPendulum-v5"  # S = 4, A = 1
 

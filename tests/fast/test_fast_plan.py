@@ -2,16 +2,16 @@
 
 import pytest
 import torch
-from test_models import _randomize, _tiny_model_value
+from conftest import randomize, tiny_model_value
 
 import mbplan
 from mbplan.distributions import TanhNormal
-from mbplan.fast_plan import FastIterativePlan, value_and_grad
+from mbplan.fast.fast_plan import FastIterativePlan, value_and_grad
 from mbplan.objective import AnchoredObjective
 
 
 def _setup(dtype=torch.float64, horizon=3, alpha=0.1):
-    value = _randomize(_tiny_model_value(horizon, dtype=dtype, alpha=alpha))
+    value = randomize(tiny_model_value(horizon, dtype=dtype, alpha=alpha))
     objective = mbplan.make_objective(value, alpha=alpha, n_samples=4, state_dim=3, action_dim=2)
     planner = mbplan.make_planner("iterative", state_dim=3, action_dim=2, hidden=16).to(dtype)
     with torch.no_grad():  # a non-trivial optimizer (its last layer starts at zero)

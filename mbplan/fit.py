@@ -1,11 +1,23 @@
-"""Fitting the dynamics and reward models on real transitions, and their open-loop errors."""
+"""Fit jobs on a trained run's data: models, iterative optimizers, and distilled policies.
+
+* :func:`fit_models` trains dynamics and reward on real transitions (``mbplan fit-model``) and
+  :func:`open_loop_errors` measures their H-step error on held-out sequences (``eval-model``);
+* :func:`fit_optimizer` trains a fresh iterative optimizer on a frozen objective
+  (``mbplan fit-optimizer``);
+* :func:`distill_direct` distils a direct network from an iterative agent, the future policy of
+  its model rollouts (DESIGN.md §6).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from mbplan.agent import Agent
+from mbplan.distributions import kl_between
 from mbplan.models.dynamics import Dynamics, Reward
+from mbplan.objective import Objective
+from mbplan.planners import DirectPlanner, IterativePlanner, train_amortized
 
 Transitions = dict[str, Tensor]  # states, actions, rewards, next_states, terminated: [N, ...]
 
@@ -115,3 +127,64 @@ def open_loop_errors(
             (r_hat - data["rewards"][starts + h]).square().mean().sqrt().item()
         )
     return out
+
+
+def fit_optimizer(
+    objective: Objective,
+    states: torch.Tensor,
+    steps: int,
+    batch_size: int = 256,
+    lr: float = 3e-4,
+    n_iters: int = 5,
+    seed: int = 0,
+    on_step=None,
+) -> tuple[IterativePlanner, list[float]]:
+    """Train a fresh iterative optimizer on a frozen objective, on replay states.
+
+    Returns:
+        (the optimizer, per-step mean improvement Ĵ(λ_N) − Ĵ(λ_0)).
+    """
+    torch.manual_seed(seed)
+    S, A = states.shape[-1], objective.action_dim
+    if A is None:
+        raise ValueError("the objective must know its action_dim")
+    planner = IterativePlanner(S, A, n_iters=n_iters)
+    generator = torch.Generator().manual_seed(seed)
+
+    def sample_states() -> torch.Tensor:
+        return states[torch.randint(0, states.shape[0], (batch_size,), generator=generator)]
+
+    log = train_amortized(planner, objective, sample_states, steps, lr, generator, on_step=on_step)
+    return planner.eval().requires_grad_(False), log.improvements
+
+
+def distill_direct(
+    agent: Agent,
+    states: torch.Tensor,
+    steps: int,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> tuple[DirectPlanner, float]:
+    """Distil a direct network from an iterative agent: minimise KL(π_iter (detached) ‖ π_direct).
+
+    The teacher is the agent's final-iterate policy on its model-free objective, at replay states.
+
+    Returns:
+        (the network, the mean KL over the last 50 steps).
+    """
+    torch.manual_seed(seed)
+    student = DirectPlanner(states.shape[-1], agent.action_dim, agent.config.hidden)
+    generator = torch.Generator().manual_seed(seed)
+    optim = torch.optim.Adam(student.parameters(), lr=lr)
+    kls = []
+    for _ in range(steps):
+        idx = torch.randint(0, states.shape[0], (batch_size,), generator=generator)
+        teacher = agent.policy(states[idx], generator)  # detached λ_N
+        kl = kl_between(teacher, student(states[idx])).mean()
+        optim.zero_grad(set_to_none=True)
+        kl.backward()
+        optim.step()
+        kls.append(kl.item())
+    tail = kls[-min(50, len(kls)) :]
+    return student.eval().requires_grad_(False), sum(tail) / len(tail)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
@@ -45,8 +45,8 @@ def test_wheel_contains_subpackages_and_imports(tmp_path):
         capture_output=True,
     )
     code = (
-        "import mbplan, mbplan.models, mbplan.planners, mbplan.planning;"
-        "assert (mbplan.planning.default_bundle() / 'latest').is_file();"
+        "import mbplan, mbplan.models, mbplan.planners, mbplan.mpc;"
+        "assert (mbplan.mpc.default_bundle() / 'latest').is_file();"
         f"assert mbplan.__file__.startswith({str(target)!r}), mbplan.__file__;"
         "print(sorted(mbplan.planners.PLANNERS))"
     )

@@ -17,7 +17,7 @@ Shapes: B batch · S state dims · A action dims · H hidden · E critics.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,26 +30,45 @@ from mbplan.distributions import (
     uniform_log_prob,
 )
 from mbplan.models.critic import EnsembleQ, head_values
-
-if TYPE_CHECKING:
-    from mbplan.agent import Agent
-    from mbplan.replay import Batch
+from mbplan.planners.direct import DirectPlanner
+from mbplan.replay import Batch
 
 _threshold_backward = torch.ops.aten.threshold_backward
 
 
-def supports(agent: Agent) -> bool:
-    """Whether :func:`direct_update_grads` computes this agent's update (its structure only)."""
-    cfg = agent.config
-    layers = list(getattr(agent.planner, "net", []))
+@dataclass(frozen=True)
+class SACParts:
+    """What the direct model-free update reads and writes: networks, log α and the settings.
+
+    Attributes:
+        policy: The direct policy λ = f_φ(s) (its ``net`` and log-scale ``bounds`` are trained).
+        critic: The trained critics (E ≥ 2 members).
+        target_critic: The frozen target critics of Ĵ and of the critic target.
+        log_alpha: The trained scalar log α.
+        beta: Pessimism β of Q̂_β.
+        gamma: Discount γ.
+        n_samples: K samples per state in Ĵ.
+    """
+
+    policy: nn.Module
+    critic: EnsembleQ
+    target_critic: EnsembleQ
+    log_alpha: nn.Parameter
+    beta: float
+    gamma: float
+    n_samples: int
+
+
+def supports(parts: SACParts) -> bool:
+    """Whether :func:`direct_update_grads` computes this update (the networks' structure only)."""
+    layers = list(getattr(parts.policy, "net", []))
     return (
-        cfg.agent == "direct"
-        and cfg.value == "model-free"
-        and cfg.n_critics >= 2
+        isinstance(parts.policy, DirectPlanner)
+        and parts.critic.n_members >= 2
         and len(layers) == 5
         and all(isinstance(layers[i], nn.Linear) for i in (0, 2, 4))
         and all(isinstance(layers[i], nn.ReLU) for i in (1, 3))
-        and len(agent.critic.hidden) == 2
+        and len(parts.critic.hidden) == 2
     )
 
 
@@ -94,7 +113,7 @@ def _critic_grads(critic: EnsembleQ, states: Tensor, actions: Tensor, target: Te
 
 
 def direct_update_grads(
-    agent: Agent, batch: Batch, generator: torch.Generator | None, compiled: bool = False
+    parts: SACParts, batch: Batch, generator: torch.Generator | None, compiled: bool = False
 ) -> dict[str, Tensor]:
     """Losses of one direct, model-free update, with every trained parameter's gradient written.
 
@@ -103,7 +122,7 @@ def direct_update_grads(
     log α. Runs without autograd.
 
     Args:
-        agent: An agent that :func:`supports` this update.
+        parts: Networks and settings that :func:`supports` this update.
         batch: Replay batch, B transitions.
         generator: Source of the sampling noise.
         compiled: Run the gradient computation through ``torch.compile`` (inductor fuses its ~200
@@ -114,35 +133,35 @@ def direct_update_grads(
         Detached scalar metrics, as :meth:`Agent.update` reports them (without α, which it
         reads after the step).
     """
-    B, A, states = batch.states.shape[0], agent.action_dim, batch.states
+    B, A, states = batch.states.shape[0], parts.policy.action_dim, batch.states
     noise = {"generator": generator, "dtype": states.dtype, "device": states.device}
     eps_next = torch.randn(1, B, A, **noise)  # a' ~ π(·|s') first, as the autograd path draws
-    eps = torch.randn(agent.config.n_samples, B, A, **noise)
+    eps = torch.randn(parts.n_samples, B, A, **noise)
     global _compiled_grads
     if compiled and _compiled_grads is not False:
         try:
             if _compiled_grads is None:
                 _compiled_grads = torch.compile(_grads, fullgraph=True, dynamic=False)
-            return _compiled_grads(agent, batch, eps_next, eps)
+            return _compiled_grads(parts, batch, eps_next, eps)
         except Exception as err:  # any compiler failure: run eagerly instead
             warnings.warn(f"torch.compile failed, training eagerly: {err}", stacklevel=2)
             _compiled_grads = False
-    return _grads(agent, batch, eps_next, eps)
+    return _grads(parts, batch, eps_next, eps)
 
 
 #: The compiled :func:`_grads`: None until first asked for, False once compiling has failed.
 _compiled_grads = None
 
 
-def _grads(agent: Agent, batch: Batch, eps_next: Tensor, eps: Tensor) -> dict[str, Tensor]:
+def _grads(parts: SACParts, batch: Batch, eps_next: Tensor, eps: Tensor) -> dict[str, Tensor]:
     """:func:`direct_update_grads` for given noise ε' [1, B, A] and ε [K, B, A] (it compiles)."""
-    cfg, planner, A = agent.config, agent.planner, agent.action_dim
-    net, bounds, critic = planner.net, planner.bounds, agent.target_critic
+    cfg, planner, A = parts, parts.policy, parts.policy.action_dim
+    net, bounds, critic = planner.net, planner.bounds, parts.target_critic
     states = batch.states
     K, B = eps.shape[:2]
     KB = K * B
     with torch.no_grad():
-        alpha = agent.alpha
+        alpha = parts.log_alpha.detach().exp()
         # One pass of the policy over [s; s'] (2B rows), then one of the frozen target critics
         # over K·B + B rows: the policy loss needs a_k ~ π(·|s) and Q̂_β(s, a_k) with its action
         # gradient (rows k·B + b), the critic target a' ~ π(·|s') and Q̂_β(s', a') (last B rows).
@@ -167,7 +186,7 @@ def _grads(agent: Agent, batch: Batch, eps_next: Tensor, eps: Tensor) -> dict[st
         # Critic: y = r + γ(1 − d)[Q̂_β(s', a') − α·KL̂(π(·|s') ‖ p)]
         soft = q_hat[KB:] - alpha * kl_rows[KB:]
         target = batch.rewards + cfg.gamma * (1.0 - batch.terminated) * soft  # (B,)
-        critic_loss = _critic_grads(agent.critic, states, batch.actions, target)
+        critic_loss = _critic_grads(parts.critic, states, batch.actions, target)
 
         # Policy: −mean_B Ĵ(s, λ) + bound penalty, Ĵ = mean_K Q̂_β(s, a_k) − α·KL̂
         kl = kl_rows[:KB].view(K, B).mean(0)  # (B,)
@@ -196,7 +215,7 @@ def _grads(agent: Agent, batch: Batch, eps_next: Tensor, eps: Tensor) -> dict[st
 
         # α towards the KL target
         kl_mean = kl.mean()
-        log_alpha = agent.log_alpha
+        log_alpha = parts.log_alpha
         alpha_now = log_alpha.exp()
         alpha_loss = -alpha_now * (kl_mean - target_kl(A))
         log_alpha.grad.copy_(alpha_loss)

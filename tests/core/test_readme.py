@@ -8,7 +8,7 @@ import pytest
 
 @pytest.mark.slow
 def test_readme_python_example_runs():
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = re.search(r"## Plan against your own value function.*?```python\n(.*?)```", text, re.S)
     assert block is not None
     namespace: dict = {}

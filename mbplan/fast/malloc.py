@@ -6,6 +6,8 @@ import ctypes
 import ctypes.util
 import sys
 
+from mbplan import fast
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
@@ -19,9 +21,9 @@ def tune_malloc() -> bool:
     2-core CPU). Same effect as ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...``.
 
     Returns:
-        True if applied (glibc on Linux), else False.
+        True if applied (glibc on Linux, fast paths on), else False.
     """
-    if not sys.platform.startswith("linux"):
+    if not fast.enabled() or not sys.platform.startswith("linux"):
         return False
     name = ctypes.util.find_library("c")
     if name is None:

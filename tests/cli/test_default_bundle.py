@@ -4,7 +4,8 @@ import pytest
 from cli_helpers import run_cli
 
 import mbplan
-from mbplan.planning import default_bundle, load_setup
+from mbplan.checkpoint import default_bundle
+from mbplan.mpc import MPC, PlanSettings, load_setup
 
 pytestmark = [pytest.mark.mujoco, pytest.mark.slow]
 
@@ -52,7 +53,7 @@ def test_default_refuses_an_env_of_other_sizes():
 
 def test_planning_objectives_use_ten_samples_not_the_runs_k():
     """The default was trained with SAC's K = 1; planning must not inherit one-sample estimates."""
-    from mbplan.planning import PLAN_SAMPLES, model_free_objective, model_objective
+    from mbplan.mpc import PLAN_SAMPLES, model_free_objective, model_objective
 
     setup = load_setup(default_bundle())
     assert setup.agent.config.n_samples == 1 and PLAN_SAMPLES == 10
@@ -67,7 +68,7 @@ def test_plan_starts_where_init_says():
 
     from mbplan.envs import make_env
     from mbplan.errors import UserError
-    from mbplan.planning import model_objective, planner_for, run_mpc
+    from mbplan.mpc import model_objective, planner_for
 
     setup = load_setup(default_bundle())
     objective, _ = model_objective(setup, 1, samples=2)
@@ -76,7 +77,8 @@ def test_plan_starts_where_init_says():
     starts = {}
     for init in ("prior", "previous", "policy"):
         plans: list = []
-        run_mpc(setup, env, adam, objective, 1, 2, seed=0, init=init, max_steps=2, plans=plans)
+        mpc = MPC(setup, adam, objective, PlanSettings(2, init, trust=0.0), seed=0)
+        mpc.run(env, 1, max_steps=2, plans=plans)
         starts[init] = plans
     second = starts["policy"][1]
     with torch.no_grad():
@@ -87,7 +89,7 @@ def test_plan_starts_where_init_says():
     assert torch.equal(prev[1]["trace"].loc[0], prev[0]["trace"].loc[-1])
     assert torch.count_nonzero(starts["prior"][1]["trace"].loc[0]) == 0
     with pytest.raises(UserError, match="unknown plan start"):
-        run_mpc(setup, env, adam, objective, 1, 2, seed=0, init="elsewhere", max_steps=1)
+        MPC(setup, adam, objective, PlanSettings(2, "elsewhere"), seed=0)
 
 
 def test_trust_region_keeps_plans_near_the_policy():
@@ -96,7 +98,7 @@ def test_trust_region_keeps_plans_near_the_policy():
 
     from mbplan.distributions import TanhNormal, kl_between
     from mbplan.envs import make_env
-    from mbplan.planning import model_objective, planner_for, run_mpc
+    from mbplan.mpc import model_objective, planner_for
 
     setup = load_setup(default_bundle())
     objective, _ = model_objective(setup, 1, samples=4)
@@ -105,11 +107,38 @@ def test_trust_region_keeps_plans_near_the_policy():
     kls = []
     for trust in (0.0, 100.0):
         plans: list = []
-        run_mpc(setup, env, planner, objective, 1, None, seed=0, init="policy", max_steps=3,
-                plans=plans, trust=trust)  # fmt: skip
+        mpc = MPC(setup, planner, objective, PlanSettings(None, "policy", trust), seed=0)
+        mpc.run(env, 1, max_steps=3, plans=plans)
         with torch.no_grad():
             finals = [TanhNormal(p["trace"].loc[-1], p["trace"].log_scale[-1]) for p in plans]
             kl = [kl_between(final, policy(p["state"][None])).item()
                   for final, p in zip(finals, plans, strict=True)]  # fmt: skip
         kls.append(sum(kl) / len(kl))
     assert kls[1] < 0.5 * kls[0]  # a learned optimizer does not converge onto the anchor
+
+
+def test_mpc_act_plans_one_state_and_matches_its_episode_loop():
+    """MPC.act(state) -> (action, PlanResult); run() is act() in a loop with the same draws."""
+    import numpy as np
+    import torch
+
+    from mbplan.envs import make_env
+    from mbplan.mpc import model_objective, planner_for
+
+    setup = load_setup(default_bundle())
+    objective, _ = model_objective(setup, 2, samples=4)
+    planner = planner_for(setup, "iterative", "model")
+    env = make_env("HalfCheetah-v5")
+    loop = MPC(setup, planner, objective, PlanSettings(), seed=3)
+    plans: list = []
+    loop.run(env, 1, max_steps=3, plans=plans)
+
+    mpc = MPC(setup, planner, objective, PlanSettings(), seed=3)
+    obs, _ = env.reset(seed=3)
+    for p in plans:
+        action, result = mpc.act(torch.as_tensor(obs, dtype=torch.float32))
+        assert action.shape == (6,) and np.all(np.abs(action) < 1)
+        assert result.dist.loc.shape == (1, 6)
+        torch.testing.assert_close(result.trace.loc, p["trace"].loc)
+        mpc.improvement(torch.as_tensor(obs, dtype=torch.float32), result)  # the loop's draws
+        obs, *_ = env.step(action)

@@ -1,4 +1,4 @@
-"""Shared pieces of ``mbplan bench ...`` and ``mbplan viz ...``: states, objectives, outputs.
+"""Shared reporting of ``mbplan bench``, ``mbplan viz`` and the CLI: states, objectives, outputs.
 
 Every benchmark and figure runs on a planning setup (a run folder or the bundled default), on
 states gathered by running the agent's direct policy in the real env, against either the
@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mbplan.cli_args import option
+from mbplan.checkpoint import atomic_path, atomic_write_text, run_or_default
+from mbplan.envs import make_env
 from mbplan.errors import UserError
+from mbplan.mpc import Setup, load_setup, model_free_objective, model_objective
 from mbplan.objective import Objective
+from mbplan.options import option
 
 OBJECTIVE_KINDS = ("model-free", "model")
 
@@ -39,22 +41,17 @@ class CommonOptions:
     threads: int = option(1, "torch CPU threads (0 = one per core)")
 
 
-def load(opts: CommonOptions):
-    """The :class:`~mbplan.planning.Setup` of ``opts.checkpoint`` (or the default); sets threads."""
-    from mbplan.cli_planning import checkpoint_or_default
-    from mbplan.planning import load_setup
-
+def load(opts: CommonOptions) -> Setup:
+    """The :class:`~mbplan.mpc.Setup` of ``opts.checkpoint`` (or the default); sets threads."""
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)
-    return load_setup(checkpoint_or_default(opts.checkpoint))
+    return load_setup(run_or_default(opts.checkpoint))
 
 
 def objective_for(
     setup, kind: str, horizon: int = 5, samples: int | None = None, lam: float = 0.9
 ) -> Objective:
     """Ĵ of ``kind`` ``"model-free"`` (the run's critics) or ``"model"`` (Ĵ_MB over H steps)."""
-    from mbplan.planning import model_free_objective, model_objective
-
     if kind == "model-free":
         return model_free_objective(setup, samples)
     if kind == "model":
@@ -95,8 +92,6 @@ def run_policy(
         stochastic: Act with samples of π instead of tanh(μ).
         env_id: Env to run (default: the run's).
     """
-    from mbplan.envs import make_env
-
     env = make_env(env_id or setup.config["env"], seed=seed)
     generator = torch.Generator().manual_seed(seed)
     try:
@@ -152,27 +147,19 @@ def out_path(opts: CommonOptions, stem: str, suffix: str) -> Path:
     return folder / f"{stem}{suffix}"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Path:
     """Write ``rows`` (dicts) with exactly ``columns`` as a CSV file (atomically)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, list(columns), extrasaction="ignore")
         w.writeheader()
         for row in rows:
             w.writerow({k: _plain(v) for k, v in row.items()})
-    os.replace(tmp, path)
     return path
 
 
 def write_json(path: Path, data: Any) -> Path:
     """Write ``data`` (tensors and arrays become lists) as indented JSON (atomically)."""
-    _atomic_write_text(path, json.dumps(_plain(data), indent=1))
+    atomic_write_text(path, json.dumps(_plain(data), indent=1))
     return path
 
 
@@ -209,8 +196,24 @@ def save_figure(fig, opts: CommonOptions, stem: str) -> list[Path]:
     if opts.svg:
         paths.append(out_path(opts, stem, ".svg"))
     for p in paths:
-        tmp = p.with_name(f".tmp-{p.name}")  # keeps the suffix matplotlib needs for the format
-        fig.savefig(tmp, dpi=130)
-        os.replace(tmp, p)
+        with atomic_path(p) as tmp:  # keeps the suffix matplotlib needs for the format
+            fig.savefig(tmp, dpi=130)
     plt.close(fig)
     return paths
+
+
+def format_table(rows: Sequence[Any]) -> str:
+    """Left-aligned text table of dataclass rows (floats to 4 significant digits)."""
+    if not rows:
+        return "(no rows)"
+    dicts = [asdict(r) if is_dataclass(r) else dict(r) for r in rows]
+    cols = list(dicts[0])
+
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(d[c]) for c in cols] for d in dicts]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)

@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mbplan.distributions import _LOG_SQRT_2PI, ACTION_EPS, LOGDET_EPS, uniform_log_prob
+from mbplan.models.critic import EnsembleQ
+from mbplan.models.dynamics import Dynamics, Reward
+from mbplan.planners.direct import DirectPlanner
 
 aten = torch.ops.aten
 
@@ -90,20 +93,38 @@ def _model_parts(
     return linears, norms, (float(net[2].negative_slope), float(norms[0].eps))
 
 
+@dataclass(frozen=True)
+class RolloutSettings:
+    """The scalars of Q̂_MB: horizon H, pessimism β, discount γ, Retrace λ and the future KL's α."""
+
+    horizon: int
+    beta: float
+    gamma: float
+    lam: float
+    alpha: float | Tensor
+
+
 class FusedRollout:
     """Q̂_MB(s, a_0) of a :class:`~mbplan.model_value.ModelValue` with a hand-written backward.
 
-    Build with :meth:`from_value`, which returns None when the networks are of another form.
+    Build with :meth:`from_networks`, which returns None when the networks are of another form.
     It holds copies of the weights (``ModelValue`` rebuilds it when they change).
     """
 
-    def __init__(self, value, slope: float, ln_eps: float, layers: list[_Layer], ln: list[tuple]):
-        self.value = value
+    def __init__(
+        self,
+        settings: RolloutSettings,
+        policy: nn.Module,
+        slope: float,
+        ln_eps: float,
+        layers: list[_Layer],
+        ln: list[tuple],
+    ):
+        self.settings = settings
         self.slope, self.ln_eps = slope, ln_eps
         self.layers = layers  # hidden 1, hidden 2, head
         self.ln = ln  # per hidden layer: (γ [N_MODEL, 1, H], β [N_MODEL, 1, H])
         self._views: dict[tuple[int, int], tuple] = {}
-        policy = value.future_policy
         self.policy = [tuple(x.clone() for x in _linear_t(policy.net[i])) for i in (0, 2, 4)]
         self.policy_w = [w.t() for w, _ in self.policy]  # [out, in] for the backward
         self.log_scale_min = policy.bounds.log_scale_min.detach().clone()
@@ -114,13 +135,15 @@ class FusedRollout:
         self.ln_shape = [layers[0].w.shape[-1]]
 
     @classmethod
-    def from_value(cls, value) -> FusedRollout | None:
-        """Stack a ModelValue's frozen networks, or None when they are not of the supported form."""
-        from mbplan.models.critic import EnsembleQ
-        from mbplan.models.dynamics import Dynamics, Reward
-        from mbplan.planners.direct import DirectPlanner
-
-        dyn, rew, critic, policy = value.dynamics, value.reward, value.critic, value.future_policy
+    def from_networks(
+        cls,
+        dyn: nn.Module,
+        rew: nn.Module,
+        critic: nn.Module,
+        policy: nn.Module,
+        settings: RolloutSettings,
+    ) -> FusedRollout | None:
+        """Stack frozen dynamics, reward, critics and future policy, or None for another form."""
         if getattr(dyn, "euler", True) is not None:
             return None
         # Exact classes: a subclass may evaluate differently.
@@ -175,7 +198,7 @@ class FusedRollout:
             beta = torch.stack([p[1][i].bias.detach() for p in parts])[:, None]
             ln.append((gamma, beta))
         slope, eps = parts[0][2]
-        return cls(value, slope, eps, layers, ln)
+        return cls(settings, policy, slope, eps, layers, ln)
 
     # ---------------------------------------------------------------- stacked trunks
 
@@ -285,7 +308,7 @@ class FusedRollout:
 
         w_t = (γλ)^t, c_t = γ w_{t−1} − w_t (c_H = γ w_{H−1}; Q_0 cancels), k_t = γ w_{t−1}.
         """
-        v = self.value
+        v = self.settings
         H, gamma = v.horizon, v.gamma
         w = [(gamma * v.lam) ** t for t in range(H)]
         c = [0.0] + [gamma * w[t - 1] - w[t] for t in range(1, H)] + [gamma * w[H - 1]]
@@ -295,7 +318,7 @@ class FusedRollout:
         """The future policy's noise ε_1 … ε_H [N, A], drawn as ``ModelValue`` draws it."""
         like = {"dtype": actions.dtype, "device": actions.device}
         shape = (1, *actions.shape)
-        H = self.value.horizon
+        H = self.settings.horizon
         return [torch.randn(shape, generator=generator, **like)[0] for _ in range(H)]
 
     def forward(
@@ -311,7 +334,7 @@ class FusedRollout:
         ``alpha`` (the future steps' KL weight) defaults to the value's; pass it as a float to keep
         a tensor α's ``float()`` out of compiled code.
         """
-        v = self.value
+        v = self.settings
         H, beta = v.horizon, v.beta
         alpha = float(v.alpha) if alpha is None else alpha
         w, c, k = self.coefficients()
