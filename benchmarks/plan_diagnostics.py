@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from mbplan.cli_planning import checkpoint_or_default
+from mbplan.checkpoint import run_or_default
 from mbplan.distributions import kl_between
 from mbplan.envs import make_env
 from mbplan.fast.malloc import tune_malloc
@@ -47,7 +47,7 @@ def main() -> None:
     args = p.parse_args()
     tune_malloc()
     torch.set_num_threads(args.threads)
-    setup = load_setup(checkpoint_or_default(args.checkpoint))
+    setup = load_setup(run_or_default(args.checkpoint))
     objective, _ = model_objective(setup, args.horizon)
     planner = planner_for(setup, args.planner, "model")
     policy = setup.future_policy()

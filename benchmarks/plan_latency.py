@@ -16,9 +16,9 @@ import argparse
 import time
 
 import torch
+from planner_overhead import median_seconds  # benchmarks/ is on sys.path when run as a script
 
 import mbplan
-from planner_overhead import median_seconds  # benchmarks/ is on sys.path when run as a script
 from mbplan.fast.fast_plan import FastIterativePlan
 from mbplan.fast.malloc import tune_malloc
 from mbplan.model_value import ModelValue
@@ -92,7 +92,7 @@ def main() -> None:
 
 
 def fast_rows(planner, objective, state, t_loop: float, args) -> None:
-    """The same plan as one function (mbplan.fast.fast_plan): eager, and compiled (plan --compile)."""
+    """The same plan as one function (mbplan.fast.fast_plan): eager, and compiled (--compile)."""
     variants = [("one function", False)] + ([] if args.no_compile else [("compiled", True)])
     for label, compile in variants:
         fast = FastIterativePlan(planner, compile=compile)

@@ -27,10 +27,18 @@ from pathlib import Path
 
 import torch
 
-from mbplan.cli_planning import DEFAULT_TRUST, checkpoint_or_default
+from mbplan.checkpoint import run_or_default
 from mbplan.envs import make_env
 from mbplan.fast.malloc import tune_malloc
-from mbplan.mpc import check_trust, load_setup, model_objective, planner_for, run_mpc
+from mbplan.mpc import (
+    DEFAULT_TRUST,
+    MPC,
+    PlanSettings,
+    check_trust,
+    load_setup,
+    model_objective,
+    planner_for,
+)
 
 #: (label, planner, iterations (None = the planner's default), where each plan starts: ``prior`` =
 #: the planner's fixed λ_0, ``previous`` = the previous step's λ (the usual MPC warm start; from the
@@ -65,8 +73,8 @@ def run_cell(
     objective, _ = model_objective(setup, horizon)
     env = make_env(setup.config["env"], seed=args.seed)
     start = time.perf_counter()
-    stats = run_mpc(setup, env, planner, objective, args.episodes, iters, args.seed,
-                    max_steps=max_steps or None, init=init, trust=trust)  # fmt: skip
+    mpc = MPC(setup, planner, objective, PlanSettings(iters, init, trust), args.seed)
+    stats = mpc.run(env, args.episodes, max_steps or None)
     return {
         "trust": trust,
         "horizon": horizon,
@@ -115,7 +123,7 @@ def main() -> None:
     args = p.parse_args()
     tune_malloc()
     torch.set_num_threads(args.threads)
-    setup = load_setup(checkpoint_or_default(args.checkpoint))
+    setup = load_setup(run_or_default(args.checkpoint))
     out = Path(args.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
 

@@ -112,13 +112,19 @@ class Agent(nn.Module):
         #: model-free); False (or ``MBPLAN_FAST=0``) forces autograd (same values to rounding).
         self.fused_update = True
         self._sac_parts = fused_sac.SACParts(
-            self.planner, self.critic, self.target_critic, self.log_alpha,
-            config.beta, config.gamma, config.n_samples,
-        )  # fmt: skip
+            self.planner,
+            self.critic,
+            self.target_critic,
+            self.log_alpha,
+            config.beta,
+            config.gamma,
+            config.n_samples,
+        )
         self._fused_supported = (  # the structure is fixed from here on
-            config.agent == "direct" and config.value == "model-free"
+            config.agent == "direct"
+            and config.value == "model-free"
             and fused_sac.supports(self._sac_parts)
-        )  # fmt: skip
+        )
         #: Run those gradients through ``torch.compile`` (one-off compile, faster updates).
         self.compile_update = False
 
@@ -135,8 +141,11 @@ class Agent(nn.Module):
         self._frozen: dict[str, nn.Module] = {}
         if self.config.value == "model":
             future = self.distilled if self.distilled is not None else self.planner
-            for name, module in (("dynamics", self.dynamics), ("reward", self.reward),
-                                 ("future", future)):  # fmt: skip
+            for name, module in (
+                ("dynamics", self.dynamics),
+                ("reward", self.reward),
+                ("future", future),
+            ):
                 self._frozen[name] = frozen_alias(module)
 
     def _apply(self, fn, recurse=True):
@@ -172,10 +181,16 @@ class Agent(nn.Module):
         q_fn = lambda s, a: pessimistic(critic(s, a), beta)  # noqa: E731
         if self.config.value == "model":
             q_fn = ModelValue(
-                self._frozen["dynamics"], self._frozen["reward"], critic, self._frozen["future"],
-                self.config.horizon, beta=beta, gamma=self.config.gamma, lam=self.config.lam,
+                self._frozen["dynamics"],
+                self._frozen["reward"],
+                critic,
+                self._frozen["future"],
+                self.config.horizon,
+                beta=beta,
+                gamma=self.config.gamma,
+                lam=self.config.lam,
                 alpha=self.alpha,
-            )  # fmt: skip
+            )
         return make_objective(
             q_fn,
             alpha=self.alpha,

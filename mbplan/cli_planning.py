@@ -158,9 +158,15 @@ def fit_model_cmd(opts: FitModelOptions) -> None:
             setup.agent, train["states"], opts.distill_steps, seed=opts.seed
         )
     tensors = model_tensors(dynamics, reward, student)
-    meta = {"hidden": opts.hidden, "euler": None, "fit": asdict(opts), "held_out_errors": errors,
-            "final_losses": log[-1], "transitions": int(data["states"].shape[0]),
-            "distill_kl": distill_kl}  # fmt: skip
+    meta = {
+        "hidden": opts.hidden,
+        "euler": None,
+        "fit": asdict(opts),
+        "held_out_errors": errors,
+        "final_losses": log[-1],
+        "transitions": int(data["states"].shape[0]),
+        "distill_kl": distill_kl,
+    }
     save_folder(run / "model", tensors, meta)
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"model_fit": meta}) + "\n")
@@ -229,11 +235,14 @@ def fit_optimizer_cmd(opts: FitOptimizerOptions) -> None:
     finally:
         bar.close()
     tail = improvements[-min(100, len(improvements)) :]
-    meta = {"hyperparameters": planner.hyperparameters() | {"n_iters": opts.iters},
-            "objective": opts.objective, "fit": asdict(opts),
-            "final_improvement": statistics.fmean(tail),
-            "history_columns": ["step", "improvement", "loss", "seconds"],
-            "history": history}  # fmt: skip
+    meta = {
+        "hyperparameters": planner.hyperparameters() | {"n_iters": opts.iters},
+        "objective": opts.objective,
+        "fit": asdict(opts),
+        "final_improvement": statistics.fmean(tail),
+        "history_columns": ["step", "improvement", "loss", "seconds"],
+        "history": history,
+    }
     meta["hyperparameters"].pop("state_dim")
     meta["hyperparameters"].pop("action_dim")
     save_folder(run / "optimizers" / opts.objective, dict(planner.state_dict()), meta)
@@ -261,8 +270,10 @@ def plan_cmd(opts: PlanOptions) -> None:
     frames: list | None = [] if opts.video else None
     if opts.compile and (opts.planner != "iterative" or opts.save_plans):
         why = "--save-plans records rollouts" if opts.save_plans else f"{opts.planner} has none"
-        print(f"note: --compile compiles the iterative planner's plan ({why}); planning "
-              "uncompiled", file=sys.stderr)  # fmt: skip
+        print(
+            f"note: --compile compiles the iterative planner's plan ({why}); planning uncompiled",
+            file=sys.stderr,
+        )
     limit = opts.max_steps or env_spec(env).max_episode_steps or 1000
     bar = tqdm(
         total=opts.episodes * limit, unit="step", desc=f"plan {opts.planner}", mininterval=1.0
@@ -351,5 +362,7 @@ def transfer_cmd(opts: TransferOptions) -> None:
         mean = statistics.fmean(stats.returns)
         std = statistics.pstdev(stats.returns) if len(stats.returns) > 1 else 0.0
         compiled = f"  (compiled in {stats.compile_seconds:.1f} s)" if stats.compile_seconds else ""
-        print(f"{name:36s} return {mean:9.1f} ± {std:7.1f}  {stats.ms_per_action:7.1f} ms/action  "
-              f"Ĵ(λ_I) − Ĵ(λ_0) {stats.improvement:7.3f}{compiled}")  # fmt: skip
+        print(
+            f"{name:36s} return {mean:9.1f} ± {std:7.1f}  {stats.ms_per_action:7.1f} ms/action  "
+            f"Ĵ(λ_I) − Ĵ(λ_0) {stats.improvement:7.3f}{compiled}"
+        )

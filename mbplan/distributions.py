@@ -134,8 +134,11 @@ class _SampleLogProb(torch.autograd.Function):
         g_loc, g_log_scale, g_eps = sample_log_prob_vjp(
             log_scale, eps, pre_tanh, g_actions, g_pre, g_log_prob, need_eps=ctx.needs_input_grad[2]
         )
-        return (g_loc if ctx.needs_input_grad[0] else None,
-                g_log_scale if ctx.needs_input_grad[1] else None, g_eps)  # fmt: skip
+        return (
+            g_loc if ctx.needs_input_grad[0] else None,
+            g_log_scale if ctx.needs_input_grad[1] else None,
+            g_eps,
+        )
 
 
 def sample_log_prob_vjp(

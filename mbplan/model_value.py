@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from mbplan import fast
@@ -59,13 +60,12 @@ class ModelValue:
         alpha: KL weight α of the future terms.
         fused: Evaluate with :class:`~mbplan.fast.fused_value.FusedRollout` (same values to
             rounding, same gradient to the actions, a fraction of the ops) when the networks allow
-            it (and MBPLAN_FAST is on), the
-            states need no gradient and no rollout is recorded. It holds copies of the weights,
-            rebuilt when a network is swapped or any weight or buffer is changed in place. A
-            change made through another tensor that aliases the weights (e.g. the flat buffer of
-            :func:`mbplan.models.flat.flatten_into`) does not bump their version and is not seen:
-            build a new ``ModelValue`` after such updates, as :meth:`mbplan.agent.Agent.objective`
-            does on every call.
+            it, MBPLAN_FAST is on, the states need no gradient and no rollout is recorded. It
+            holds copies of the weights, rebuilt when a network is swapped or any weight or buffer
+            is changed in place. A change made through another tensor that aliases the weights
+            (e.g. the flat buffer of :func:`mbplan.models.flat.flatten_into`) does not bump their
+            version and is not seen: build a new ``ModelValue`` after such updates, as
+            :meth:`mbplan.agent.Agent.objective` does on every call.
     """
 
     def __init__(
@@ -133,8 +133,8 @@ class ModelValue:
         """Q̂_MB for states [B, S] and first actions [K, B, A]; returns [K, B]."""
         K, B, A = actions.shape
         S = states.shape[-1]
-        s = states.expand(K, B, S).reshape(K * B, S)  # (K*B, S)
-        a = actions.reshape(K * B, A)  # (K*B, A)
+        s = states.expand(K, B, S).reshape(K * B, S)  # (K*B, S): row k·B + b is state b
+        a = rearrange(actions, "k b a -> (k b) a")  # (K*B, A)
         fused = self._fused(states)
         if fused is not None:
             return fused_q(fused, s, a, generator).reshape(K, B)
@@ -154,13 +154,13 @@ class ModelValue:
             traj_a.append(a)
         qs.append(pessimistic(self.critic(s, a), self.beta))
         q, r, kl = torch.stack(qs), torch.stack(rewards), torch.stack(kls)  # (H+1|H, K*B)
-        value = retrace(r, q, kl, self.gamma, self.lam).reshape(K, B)  # (K, B)
+        value = rearrange(retrace(r, q, kl, self.gamma, self.lam), "(k b) -> k b", k=K)
         if self.record is not None:
             H = self.horizon
             self.record.append(
                 Rollout(
-                    states=torch.stack(traj_s).detach().reshape(H + 1, K, B, S),
-                    actions=torch.stack(traj_a).detach().reshape(H + 1, K, B, A),
+                    states=rearrange(torch.stack(traj_s).detach(), "h (k b) s -> h k b s", k=K),
+                    actions=rearrange(torch.stack(traj_a).detach(), "h (k b) a -> h k b a", k=K),
                     rewards=r.detach().reshape(H, K, B),
                     q=q.detach().reshape(H + 1, K, B),
                     kl=kl.detach().reshape(H, K, B),

@@ -110,8 +110,9 @@ def load_setup(path: str | Path) -> Setup:
 # -- objectives and planners ---------------------------------------------------------------------
 
 
-#: Samples K per state of the planning objectives unless a command says otherwise (DESIGN §2). Not
-#: the run's own K: an agent trained with SAC's K = 1 would otherwise plan on one-sample estimates.
+#: Samples K per state of the planning objectives unless a command says otherwise (DESIGN.md
+#: §2). Not the run's own K: an agent trained with SAC's K = 1 would otherwise plan on one-sample
+#: estimates.
 PLAN_SAMPLES = 10
 #: Where :class:`MPC` starts each plan (see :class:`PlanSettings`).
 PLAN_INITS = ("prior", "previous", "policy")
@@ -168,13 +169,23 @@ def model_objective(
         raise UserError(f"--horizon must be >= 1, got {horizon}")
     cfg = setup.agent.config
     value = ModelValue(
-        setup.dynamics, setup.reward, setup.agent.target_critic, setup.future_policy(), horizon,
-        beta=cfg.beta, gamma=cfg.gamma, lam=lam, alpha=setup.agent.alpha,
-    )  # fmt: skip
+        setup.dynamics,
+        setup.reward,
+        setup.agent.target_critic,
+        setup.future_policy(),
+        horizon,
+        beta=cfg.beta,
+        gamma=cfg.gamma,
+        lam=lam,
+        alpha=setup.agent.alpha,
+    )
     objective = make_objective(
-        value, alpha=setup.agent.alpha, n_samples=samples or PLAN_SAMPLES,
-        state_dim=setup.state_dim, action_dim=setup.action_dim,
-    )  # fmt: skip
+        value,
+        alpha=setup.agent.alpha,
+        n_samples=samples or PLAN_SAMPLES,
+        state_dim=setup.state_dim,
+        action_dim=setup.action_dim,
+    )
     return objective, value
 
 
@@ -395,11 +406,17 @@ class MPC:
                 gain, j_final = self.improvement(state, result)
                 improvements.append(gain)
                 if plans is not None:
-                    plans.append({
-                        "episode": ep, "t": t, "state": state, "action": torch.as_tensor(action),
-                        "trace": result.trace, "objective_final": j_final,
-                        "rollouts": self.value.record if self.value is not None else None,
-                    })  # fmt: skip
+                    plans.append(
+                        {
+                            "episode": ep,
+                            "t": t,
+                            "state": state,
+                            "action": torch.as_tensor(action),
+                            "trace": result.trace,
+                            "objective_final": j_final,
+                            "rollouts": self.value.record if self.value is not None else None,
+                        }
+                    )
                 if frames is not None and ep == 0:
                     frames.append(render_frame(env))
                 obs, reward, terminated, truncated, _ = env.step(action)

@@ -98,9 +98,10 @@ class TrainOptions:
         0, "torch CPU threads (0 = one per core); 1 when running jobs side by side"
     )
     value: str = option(
-        "model-free", "Ĵ on the critics, or on H-step model rollouts + Retrace",
+        "model-free",
+        "Ĵ on the critics, or on H-step model rollouts + Retrace",
         choices=("model-free", "model"),
-    )  # fmt: skip
+    )
     horizon: int = option(2, "rollout horizon H of --value model")
     model_warmup: int = option(1000, "model-only updates after the random warm-up (--value model)")
     wandb: bool = option(False, "log to Weights & Biases (offline unless WANDB_MODE says online)")
@@ -124,8 +125,15 @@ class TrainOptions:
 
     def validate(self) -> None:
         """Raise :class:`UserError` on values no run can use."""
-        positive = ("steps", "iters", "samples", "batch_size", "buffer_size", "checkpoint_interval",
-                    "horizon")  # fmt: skip
+        positive = (
+            "steps",
+            "iters",
+            "samples",
+            "batch_size",
+            "buffer_size",
+            "checkpoint_interval",
+            "horizon",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(

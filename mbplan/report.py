@@ -184,8 +184,14 @@ def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False,
-                        constrained_layout=True, **kw)  # fmt: skip
+    return plt.subplots(
+        nrows,
+        ncols,
+        figsize=(size[0] * ncols, size[1] * nrows),
+        squeeze=False,
+        constrained_layout=True,
+        **kw,
+    )
 
 
 def save_figure(fig, opts: CommonOptions, stem: str) -> list[Path]:

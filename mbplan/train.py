@@ -197,8 +197,13 @@ class Trainer:
             for k, v in agent.model_update(batch).items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         n = max(opts.model_warmup, 1)
-        self.log({"step": self.step, "model_warmup": opts.model_warmup,
-                  **{f"warmup_{k}": v / n for k, v in totals.items()}})  # fmt: skip
+        self.log(
+            {
+                "step": self.step,
+                "model_warmup": opts.model_warmup,
+                **{f"warmup_{k}": v / n for k, v in totals.items()},
+            }
+        )
 
     # -- main loop -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -222,8 +227,14 @@ class Trainer:
             self.step += 1
             self.train_seconds = seconds_before + time.perf_counter() - start
             if terminated or truncated:
-                self.log({"step": self.step, "episode": self.episode, "episode_return": ep_return,
-                          "episode_length": ep_len})  # fmt: skip
+                self.log(
+                    {
+                        "step": self.step,
+                        "episode": self.episode,
+                        "episode_return": ep_return,
+                        "episode_length": ep_len,
+                    }
+                )
                 self.episode += 1
                 obs, _ = self.env.reset(seed=opts.seed * 100_003 + self.episode)
                 ep_return, ep_len = 0.0, 0
@@ -250,9 +261,15 @@ class Trainer:
                 returns = evaluate(agent, self.eval_env, opts.eval_episodes, seed=10**6 + self.step)
                 self.last_eval = float(np.mean(returns))
                 std = float(np.std(returns))
-                self.log({"step": self.step, "eval_return_mean": self.last_eval,
-                          "eval_return_std": std, "eval_returns": returns,
-                          "train_seconds": self.train_seconds})  # fmt: skip
+                self.log(
+                    {
+                        "step": self.step,
+                        "eval_return_mean": self.last_eval,
+                        "eval_return_std": std,
+                        "eval_returns": returns,
+                        "train_seconds": self.train_seconds,
+                    }
+                )
             if self.step % opts.checkpoint_interval == 0 or self.step == opts.steps:
                 checkpoint = self.save()
                 if self.on_checkpoint is not None:

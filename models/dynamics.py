@@ -76,8 +76,14 @@ class Dynamics(nn.Module):
         self.state_dim, self.action_dim, self.euler = state_dim, action_dim, euler
         self.inputs = _Standardize(state_dim + action_dim)
         self.delta_scale = _Standardize(state_dim)
-        self.net = mlp(state_dim + action_dim, state_dim, hidden, activation=nn.LeakyReLU,
-                       layer_norm=True, zero_last=True)  # fmt: skip
+        self.net = mlp(
+            state_dim + action_dim,
+            state_dim,
+            hidden,
+            activation=nn.LeakyReLU,
+            layer_norm=True,
+            zero_last=True,
+        )
 
     def fit_normalizers(self, states: Tensor, actions: Tensor, next_states: Tensor) -> None:
         """Set input and output statistics from real transitions [N, ·]."""
@@ -120,8 +126,14 @@ class Reward(nn.Module):
     def __init__(self, state_dim: int, action_dim: int, hidden: int = 256):
         super().__init__()
         self.inputs = _Standardize(state_dim + action_dim)
-        self.net = mlp(state_dim + action_dim, 1, hidden, activation=nn.LeakyReLU,
-                       layer_norm=True, zero_last=True)  # fmt: skip
+        self.net = mlp(
+            state_dim + action_dim,
+            1,
+            hidden,
+            activation=nn.LeakyReLU,
+            layer_norm=True,
+            zero_last=True,
+        )
         self.log_scale = nn.Parameter(torch.zeros(()))
         self.register_buffer("offset", torch.zeros(()))
         self.register_buffer("scale", torch.ones(()))

@@ -27,8 +27,10 @@ def retrace(rewards: Tensor, q: Tensor, kl: Tensor, gamma: float, lam: float) ->
     """
     H = rewards.shape[0]
     if q.shape[0] != H + 1 or kl.shape[0] != H:
-        raise ValueError(f"need rewards [H], q [H+1], kl [H]; got {rewards.shape[0]}, "
-                         f"{q.shape[0]}, {kl.shape[0]}")  # fmt: skip
+        raise ValueError(
+            f"need rewards [H], q [H+1], kl [H]; got {rewards.shape[0]}, "
+            f"{q.shape[0]}, {kl.shape[0]}"
+        )
     delta = rewards + gamma * (q[1:] - kl) - q[:-1]  # (H, ...)
     shape = (H,) + (1,) * (delta.ndim - 1)
     weights = (gamma * lam) ** torch.arange(H, dtype=delta.dtype, device=delta.device)

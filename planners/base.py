@@ -64,13 +64,6 @@ class PlanResult:
     trace: PlanTrace
     final: ObjectiveValue | None = None
 
-    def best(self) -> TanhNormal:
-        """λ_k with the highest recorded Ĵ per state (best-so-far over the trace)."""
-        idx = self.trace.objective.argmax(0)  # (B,)
-        B = idx.shape[0]
-        rows = torch.arange(B, device=idx.device)
-        return TanhNormal(self.trace.loc[idx, rows], self.trace.log_scale[idx, rows])
-
     def improvement(self) -> Tensor:
         """Ĵ(λ_I) − Ĵ(λ_0) per state, [B]."""
         return self.trace.objective[-1] - self.trace.objective[0]

@@ -66,14 +66,17 @@ class GapOptions(CommonOptions):
     horizon: int = option(5, "model rollout horizon H (with --objective model)")
     states: int = option(100, "on-policy states (the run's direct policy in the real env)")
     planners: list[str] = option(
-        None, "amortized planners to measure", choices=AMORTIZED,
+        None,
+        "amortized planners to measure",
+        choices=AMORTIZED,
         default_factory=lambda: list(AMORTIZED),
-    )  # fmt: skip
+    )
     optimizer: str = option(
-        "adam", "refinement optimizer on (μ, log σ) (reference: sgd --lr 1e-4, which barely "
+        "adam",
+        "refinement optimizer on (μ, log σ) (reference: sgd --lr 1e-4, which barely "
         "moves λ within a sane budget; adam --lr 1e-3 converges)",
         choices=("adam", "sgd"),
-    )  # fmt: skip
+    )
     lr: float = option(1e-3, "refinement step size")
     patience: int = option(50, "a state stops when Ĵ has not risen by > --tol in this many steps")
     tol: float = option(1e-4, "smallest rise of the validation Ĵ that counts as an improvement")
@@ -189,9 +192,17 @@ def amortization_gap(
     generator = torch.Generator().manual_seed(opts.seed)
     before = planner.plan(objective, states, generator=generator, record_objective=False).dist
     refined = refine(
-        objective, states, before, optimizer=opts.optimizer, lr=opts.lr, patience=opts.patience,
-        tol=opts.tol, max_iters=opts.max_iters, val_samples=opts.eval_samples, seed=opts.seed,
-    )  # fmt: skip
+        objective,
+        states,
+        before,
+        optimizer=opts.optimizer,
+        lr=opts.lr,
+        patience=opts.patience,
+        tol=opts.tol,
+        max_iters=opts.max_iters,
+        val_samples=opts.eval_samples,
+        seed=opts.seed,
+    )
     eval_seed = opts.seed + 1  # a draw the refinement never saw
     j_before = evaluate(objective, states, before, opts.eval_samples, eval_seed)
     j_after = evaluate(objective, states, refined.dist, opts.eval_samples, eval_seed)
@@ -223,12 +234,21 @@ def plot(gaps: dict[str, dict[str, Tensor]], title: str):
     ax = axes[0][1]
     for i, name in enumerate(names):
         g = gaps[name]
-        ax.plot(g["objective_before"], g["objective_after"], "o", ms=3, alpha=0.6, color=f"C{i}",
-                label=f"{name}: mean gap {float(g['gap'].mean()):.3g}")  # fmt: skip
-    lo = min(float(torch.cat([g["objective_before"], g["objective_after"]]).min()) for g in
-             gaps.values())  # fmt: skip
-    hi = max(float(torch.cat([g["objective_before"], g["objective_after"]]).max()) for g in
-             gaps.values())  # fmt: skip
+        ax.plot(
+            g["objective_before"],
+            g["objective_after"],
+            "o",
+            ms=3,
+            alpha=0.6,
+            color=f"C{i}",
+            label=f"{name}: mean gap {float(g['gap'].mean()):.3g}",
+        )
+    lo = min(
+        float(torch.cat([g["objective_before"], g["objective_after"]]).min()) for g in gaps.values()
+    )
+    hi = max(
+        float(torch.cat([g["objective_before"], g["objective_after"]]).max()) for g in gaps.values()
+    )
     ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls="--", label="no gain (after = before)")
     ax.set_xlabel("Ĵ(λ before): amortized λ (reward units)")
     ax.set_ylabel("Ĵ(λ after): refined λ (reward units)")
@@ -264,15 +284,17 @@ def run(opts: GapOptions) -> None:
     rows = []
     for name, g in gaps.items():
         gap = g["gap"].tolist()
-        rows.append({
-            "planner": name,
-            "J_before": statistics.fmean(g["objective_before"].tolist()),
-            "J_after": statistics.fmean(g["objective_after"].tolist()),
-            "gap_mean": statistics.fmean(gap),
-            "gap_std": statistics.pstdev(gap),
-            "gap_>_0": f"{sum(x > 0 for x in gap)}/{len(gap)}",
-            "median_steps": int(g["iterations"].median()),
-        })  # fmt: skip
+        rows.append(
+            {
+                "planner": name,
+                "J_before": statistics.fmean(g["objective_before"].tolist()),
+                "J_after": statistics.fmean(g["objective_after"].tolist()),
+                "gap_mean": statistics.fmean(gap),
+                "gap_std": statistics.pstdev(gap),
+                "gap_>_0": f"{sum(x > 0 for x in gap)}/{len(gap)}",
+                "median_steps": int(g["iterations"].median()),
+            }
+        )
     print(format_table(rows))
 
     data = [

@@ -81,12 +81,18 @@ class WarmStarted:
         record_objective: bool = True,
     ) -> PlanResult:
         """``first`` from ``init`` (if it uses one), then ``n_iters`` of ``then`` from its λ."""
-        start = self.first.plan(objective, states, init=init, generator=generator,
-                                record_objective=False)  # fmt: skip
+        start = self.first.plan(
+            objective, states, init=init, generator=generator, record_objective=False
+        )
         result = self.then.plan(
-            objective, states, init=start.dist, n_iters=n_iters, generator=generator,
-            differentiable=differentiable, record_objective=record_objective,
-        )  # fmt: skip
+            objective,
+            states,
+            init=start.dist,
+            n_iters=n_iters,
+            generator=generator,
+            differentiable=differentiable,
+            record_objective=record_objective,
+        )
         result.trace.elapsed += start.trace.elapsed[-1]
         return result
 
@@ -151,14 +157,16 @@ def run(opts: IterationsOptions) -> None:
         mpc = MPC(setup, c.planner, objective, PlanSettings(c.iters, "prior", 0.0), opts.seed)
         stats = mpc.run(env, opts.episodes, opts.max_steps)
         returns[c.name] = stats.returns
-        rows.append({
-            "contender": c.name,
-            "iters": c.iters,
-            "return_mean": statistics.fmean(stats.returns),
-            "return_std": statistics.pstdev(stats.returns),
-            "ms/action": stats.ms_per_action,
-            "J_gain": stats.improvement,
-        })  # fmt: skip
+        rows.append(
+            {
+                "contender": c.name,
+                "iters": c.iters,
+                "return_mean": statistics.fmean(stats.returns),
+                "return_std": statistics.pstdev(stats.returns),
+                "ms/action": stats.ms_per_action,
+                "J_gain": stats.improvement,
+            }
+        )
     env.close()
 
     horizon = f", H={opts.horizon}" if opts.objective == "model" else ""

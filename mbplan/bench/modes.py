@@ -175,9 +175,14 @@ def run(opts: ModesOptions, explicit: set[str] | None = None) -> None:
 
     l2_action, l2_loc = pairwise_distances(planner, objective, states, iters, opts.seed)
     samples, means = repeated_runs(
-        planner, objective, states[opts.state_index], opts.runs, opts.action_samples, iters,
+        planner,
+        objective,
+        states[opts.state_index],
+        opts.runs,
+        opts.action_samples,
+        iters,
         opts.seed,
-    )  # fmt: skip
+    )
     rows = [
         {"state": i, "l2_mean_action": float(l2_action[i]), "l2_loc": float(l2_loc[i])}
         for i in range(len(states))
@@ -217,10 +222,12 @@ def _plot(
     hist, scatter = axes[0]
     A = setup.action_dim
     hist.hist(l2_action, bins=min(30, max(5, len(l2_action) // 3)), color="C0", alpha=0.8)
-    hist.axvline(np.mean(l2_action), color="k", ls="--", lw=1,
-                 label=f"mean {np.mean(l2_action):.3g}")  # fmt: skip
-    hist.axvline(np.median(l2_action), color="k", ls=":", lw=1,
-                 label=f"median {np.median(l2_action):.3g}")  # fmt: skip
+    hist.axvline(
+        np.mean(l2_action), color="k", ls="--", lw=1, label=f"mean {np.mean(l2_action):.3g}"
+    )
+    hist.axvline(
+        np.median(l2_action), color="k", ls=":", lw=1, label=f"median {np.median(l2_action):.3g}"
+    )
     hist.set_xlabel(f"‖tanh μ_a − tanh μ_b‖ (L2 over A = {A} action dims; max {2 * A**0.5:.2g})")
     hist.set_ylabel("states")
     hist.set_title(
@@ -240,8 +247,15 @@ def _plot(
         mx = m[dims[0]]
         my = m[dims[1]] if len(dims) == 2 else r
         scatter.scatter(x, y, s=5, alpha=0.35, color=cmap[r], linewidths=0)
-        scatter.scatter([mx], [my], s=90, marker="X", color=cmap[r], edgecolors="k",
-                        label=f"run {r}" if len(dims) == 2 else None)  # fmt: skip
+        scatter.scatter(
+            [mx],
+            [my],
+            s=90,
+            marker="X",
+            color=cmap[r],
+            edgecolors="k",
+            label=f"run {r}" if len(dims) == 2 else None,
+        )
     scatter.set_xlim(-1.05, 1.05)
     scatter.set_xlabel(f"action dim {dims[0]}")
     if len(dims) == 2:

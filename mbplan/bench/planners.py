@@ -88,14 +88,17 @@ class PlannersOptions(CommonOptions):
     iters: int = option(250, "iteration budget of iterative, adam and cem (direct: 1 call)")
     samples: int = option(0, "samples K per state per objective evaluation (0 = 10)")
     planners: list[str] = option(
-        None, "planners to compare (iterative is the reference)", choices=PLANNER_NAMES,
+        None,
+        "planners to compare (iterative is the reference)",
+        choices=PLANNER_NAMES,
         default_factory=lambda: list(PLANNER_NAMES),
-    )  # fmt: skip
+    )
     adam_lr: float = option(1e-2, "Adam step size of the fixed row (reference 1e-2)")
     cem_lr: float = option(
-        0.9, "CEM smoothing of the fixed row, weight on the new fit (mbplan's default; "
+        0.9,
+        "CEM smoothing of the fixed row, weight on the new fit (mbplan's default; "
         "reference analysis 0.01)",
-    )  # fmt: skip
+    )
     sweep: bool = option(
         True,
         "also run adam and cem at the best step size of a sweep on held-out states (default: on)",
@@ -231,9 +234,11 @@ def compare_planners(
                 objective, states, n_iters=1, generator=torch.Generator().manual_seed(seed)
             )
         result = planner.plan(
-            objective, states, n_iters=1 if direct else iters,
+            objective,
+            states,
+            n_iters=1 if direct else iters,
             generator=torch.Generator().manual_seed(seed),
-        )  # fmt: skip
+        )
         curves[key] = curve_of(result.trace, single_point=direct)
     return curves
 
@@ -317,11 +322,18 @@ def target_of(curves: dict[Entry, Curve]) -> tuple[float, int]:
 def csv_rows(curves: dict[Entry, Curve]) -> list[dict]:
     """One row per compared run per iterate, with the columns of :data:`COLUMNS`."""
     return [
-        {"planner": e.planner, "setting": e.setting, "lr": e.lr, "iteration": int(it),
-         "n_evals": float(ev), "seconds": float(sec), "objective": float(j)}
+        {
+            "planner": e.planner,
+            "setting": e.setting,
+            "lr": e.lr,
+            "iteration": int(it),
+            "n_evals": float(ev),
+            "seconds": float(sec),
+            "objective": float(j),
+        }
         for e, c in curves.items()
         for it, ev, sec, j in zip(c.iteration, c.n_evals, c.seconds, c.objective)
-    ]  # fmt: skip
+    ]
 
 
 def sweep_rows(sweeps: dict[str, list[SweepPoint]]) -> list[dict]:
@@ -358,8 +370,13 @@ def plot(curves: dict[Entry, Curve], target: float, n_ref: int, title: str):
                 label += f" (off scale below, down to {float(y[keep].min()):.3g})"
             ls = "--" if e.setting == "tuned" else "-"
             ax.plot(x[keep], y[keep], color=color, ls=ls, lw=1.5, label=label)
-        ax.axhline(target, color="0.4", ls=":", lw=1.2,
-                   label=f"target: iterative at N={n_ref}: {target:.3g}")  # fmt: skip
+        ax.axhline(
+            target,
+            color="0.4",
+            ls=":",
+            lw=1.2,
+            label=f"target: iterative at N={n_ref}: {target:.3g}",
+        )
         ax.set_xscale("log")
         ax.set_ylim(low, high)
         ax.set_xlabel(xlabel)
@@ -444,10 +461,16 @@ def run(opts: PlannersOptions) -> None:
             f"1..{sweep_iters} (area under the curve); the best is run on the evaluation states:"
         )
         table = [
-            {"planner": p.planner, "lr": f"{p.lr:g}", "score": p.score, "final_J": p.final,
-             "chosen": "*" if p.chosen else ""}
-            for pts in sweeps.values() for p in pts
-        ]  # fmt: skip
+            {
+                "planner": p.planner,
+                "lr": f"{p.lr:g}",
+                "score": p.score,
+                "final_J": p.final,
+                "chosen": "*" if p.chosen else "",
+            }
+            for pts in sweeps.values()
+            for p in pts
+        ]
         print(format_table(table), flush=True)
 
     # Run every planner on the evaluation states
@@ -477,13 +500,18 @@ def run(opts: PlannersOptions) -> None:
         "optimizer's N; never = not within the budget):"
     )
     rows = [
-        {"planner": r.planner, "final_J": r.final, "best_J": r.best,
-         "iters": "never" if r.iters is None else r.iters,
-         "evals": "never" if r.evals is None else f"{r.evals:g}",
-         "seconds": "never" if r.seconds is None else f"{r.seconds:.3g}",
-         "iters_ratio": _ratio(r.iters, ref.iters), "evals_ratio": _ratio(r.evals, ref.evals)}
+        {
+            "planner": r.planner,
+            "final_J": r.final,
+            "best_J": r.best,
+            "iters": "never" if r.iters is None else r.iters,
+            "evals": "never" if r.evals is None else f"{r.evals:g}",
+            "seconds": "never" if r.seconds is None else f"{r.seconds:.3g}",
+            "iters_ratio": _ratio(r.iters, ref.iters),
+            "evals_ratio": _ratio(r.evals, ref.evals),
+        }
         for r in reached.values()
-    ]  # fmt: skip
+    ]
     print(format_table(rows))
 
     written = [write_csv(out_path(opts, STEM, ".csv"), csv_rows(curves), COLUMNS)]

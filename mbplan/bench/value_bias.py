@@ -187,14 +187,26 @@ def run(opts: ValueBiasOptions) -> None:
         q = q_values(setup, roll.states, roll.actions, beta).double().numpy()
         bias = q - mc
         rows += [
-            {"beta": beta, "state": i, "t": int(roll.t[i]), "q": q[i], "mc_return": mc[i],
-             "bias": bias[i]}
+            {
+                "beta": beta,
+                "state": i,
+                "t": int(roll.t[i]),
+                "q": q[i],
+                "mc_return": mc[i],
+                "bias": bias[i],
+            }
             for i in range(len(q))
-        ]  # fmt: skip
+        ]
         summary.append(
-            BiasRow(beta, len(q), float(bias.mean()), float(bias.std()), float(q.mean()),
-                    float(mc.mean()))
-        )  # fmt: skip
+            BiasRow(
+                beta,
+                len(q),
+                float(bias.mean()),
+                float(bias.std()),
+                float(q.mean()),
+                float(mc.mean()),
+            )
+        )
     csv_path = write_csv(out_path(opts, "value_bias", ".csv"), rows, COLUMNS)
     figures = _plot(opts, rows, setup)
 
@@ -231,10 +243,15 @@ def _plot(opts: ValueBiasOptions, rows: list[dict], setup) -> list:
     scatter.set_title(f"{setup.config['env']}: Q̂ vs Monte-Carlo, on-policy (s, a)")
     scatter.legend(markerscale=3, fontsize="small")
 
-    parts = box.boxplot(biases, showmeans=True, patch_artist=True, widths=0.5,
-                        flierprops={"markersize": 2, "alpha": 0.4},
-                        meanprops={"marker": "^", "markerfacecolor": "k", "markeredgecolor": "k"},
-                        medianprops={"color": "k"})  # fmt: skip
+    parts = box.boxplot(
+        biases,
+        showmeans=True,
+        patch_artist=True,
+        widths=0.5,
+        flierprops={"markersize": 2, "alpha": 0.4},
+        meanprops={"marker": "^", "markerfacecolor": "k", "markeredgecolor": "k"},
+        medianprops={"color": "k"},
+    )
     for patch, color in zip(parts["boxes"], colors):
         patch.set_facecolor(color)
         patch.set_alpha(0.6)

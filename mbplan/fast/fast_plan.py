@@ -87,8 +87,7 @@ class FastIterativePlan:
         planner = self.planner
         fused = self.applies(objective, states)
         if fused is None:
-            return planner.plan(objective, states, init, n_iters, generator,
-                                record_objective=False)  # fmt: skip
+            return planner.plan(objective, states, init, n_iters, generator, record_objective=False)
         n_iters = planner.default_iters if n_iters is None else n_iters
         if n_iters < 1:
             raise ValueError(f"n_iters must be >= 1, got {n_iters}")
@@ -113,9 +112,14 @@ class FastIterativePlan:
         with torch.no_grad():
             for k in range(n_iters):
                 value, loc, log_scale = round_(
-                    states, locs[-1], log_scales[-1], eps0[k], eps_future[k], anchor.loc,
+                    states,
+                    locs[-1],
+                    log_scales[-1],
+                    eps0[k],
+                    eps_future[k],
+                    anchor.loc,
                     anchor.log_scale,
-                )  # fmt: skip
+                )
                 values.append(value)
                 locs.append(loc)
                 log_scales.append(log_scale)
@@ -141,8 +145,19 @@ class FastIterativePlan:
             alphas = (alpha, rollout_alpha)
 
             def round_(states, loc, log_scale, eps0, eps_future, anchor_loc, anchor_log_scale):
-                return _round(self.planner, fused, alphas, eta, states, loc, log_scale, eps0,
-                              eps_future, anchor_loc, anchor_log_scale)  # fmt: skip
+                return _round(
+                    self.planner,
+                    fused,
+                    alphas,
+                    eta,
+                    states,
+                    loc,
+                    log_scale,
+                    eps0,
+                    eps_future,
+                    anchor_loc,
+                    anchor_log_scale,
+                )
 
             self._fns[key] = torch.compile(round_, dynamic=False) if self.compile else round_
         return self._fns[key]
@@ -181,8 +196,9 @@ def value_and_grad(
     log_det_arg = one_minus + LOGDET_EPS
     actions = tanh.clamp(-1 + ACTION_EPS, 1 - ACTION_EPS)
     s = states.expand(K, B, S).reshape(K * B, S)
-    q, tape = fused.forward(s, actions.reshape(K * B, A), list(eps_future.unbind(0)), True,
-                            rollout_alpha)  # fmt: skip
+    q, tape = fused.forward(
+        s, actions.reshape(K * B, A), list(eps_future.unbind(0)), True, rollout_alpha
+    )
     dq = fused.backward(tape, actions.reshape(K * B, A), S).view(K, B, A)  # ∂Q̂/∂a_k
     # log π(a_k) − log p(a_k), summed over A, without the constants' gradient
     log_prob = (-0.5 * eps0.square() - _LOG_SQRT_2PI - torch.log(log_det_arg)).sum(-1)
@@ -225,7 +241,8 @@ def _round(
         value = value - eta * kl_between(dist, TanhNormal(anchor_loc, anchor_log_scale))
         grad_loc = grad_loc - eta * (loc - anchor_loc) / torch.exp(2 * anchor_log_scale)
         grad_log_scale = grad_log_scale - eta * (torch.exp(2 * (log_scale - anchor_log_scale)) - 1)
-    new = planner.propose(states, dist, grad_loc.nan_to_num(0, 0, 0),
-                          grad_log_scale.nan_to_num(0, 0, 0))  # fmt: skip
+    new = planner.propose(
+        states, dist, grad_loc.nan_to_num(0, 0, 0), grad_log_scale.nan_to_num(0, 0, 0)
+    )
     new = _keep_finite(new, dist)
     return value, new.loc, new.log_scale

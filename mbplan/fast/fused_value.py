@@ -225,8 +225,9 @@ class FusedRollout:
             parts = []
             if n_ln:
                 gamma, beta = ln[i]
-                xhat, mean, rstd = torch.native_layer_norm(zl, self.ln_shape, None, None,
-                                                           self.ln_eps)  # fmt: skip
+                xhat, mean, rstd = torch.native_layer_norm(
+                    zl, self.ln_shape, None, None, self.ln_eps
+                )
                 pre = torch.addcmul(beta, xhat, gamma)
                 parts.append(F.leaky_relu(pre, self.slope))
             if n_ln < hi - lo:
@@ -249,8 +250,11 @@ class FusedRollout:
                 gl = aten.leaky_relu_backward(gl, pre, self.slope, False)
                 gl = gl * ln[i][0]  # through the affine γ
                 mask = [True, False, False]  # input gradient only
-                parts.append(aten.native_layer_norm_backward(
-                    gl, z, self.ln_shape, mean, rstd, None, None, mask)[0])  # fmt: skip
+                parts.append(
+                    aten.native_layer_norm_backward(
+                        gl, z, self.ln_shape, mean, rstd, None, None, mask
+                    )[0]
+                )
             if n_ln < hi - lo:
                 parts.append(aten.threshold_backward(g if n_ln == 0 else g[n_ln:], out, 0))
             g = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -356,8 +360,10 @@ class FusedRollout:
                 terms.append(torch.add(mean, sd, alpha=-beta))  # pessimistic Q̂_t
                 coef.append(c[t])
                 if grad:  # ∂(c_t·Q̂_t)/∂Q_e, for the backward pass
-                    step["dq"] = torch.addcdiv(torch.full_like(dev, 1 / E), dev, sd,
-                                               value=-beta / (E - 1)) * c[t]  # fmt: skip
+                    step["dq"] = (
+                        torch.addcdiv(torch.full_like(dev, 1 / E), dev, sd, value=-beta / (E - 1))
+                        * c[t]
+                    )
             if t < H:
                 terms.append(out[1, :, 0])  # r_t
                 coef.append(w[t])

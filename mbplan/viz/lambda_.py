@@ -75,9 +75,13 @@ class LambdaTrace:
 
 
 def iterate_values(
-    objective: Objective, state: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor,
-    n_samples: int, seed: int,
-) -> torch.Tensor:  # fmt: skip
+    objective: Objective,
+    state: torch.Tensor,
+    loc: torch.Tensor,
+    log_scale: torch.Tensor,
+    n_samples: int,
+    seed: int,
+) -> torch.Tensor:
     """Ĵ at each iterate λ_k [I+1, A] of one state [1, S], the same noise for every k; [I+1]."""
     values = []
     with torch.no_grad():
@@ -89,9 +93,14 @@ def iterate_values(
 
 
 def record_episode(
-    setup, planner: Planner, objective: Objective, steps: int, iters: int | None,
-    eval_samples: int, seed: int,
-) -> LambdaTrace:  # fmt: skip
+    setup,
+    planner: Planner,
+    objective: Objective,
+    steps: int,
+    iters: int | None,
+    eval_samples: int,
+    seed: int,
+) -> LambdaTrace:
     """Plan at each real state of one episode (up to ``steps``), act tanh(μ_I), keep the trace."""
     env = make_env(setup.config["env"], seed=seed)
     generator = torch.Generator().manual_seed(seed)
@@ -158,19 +167,24 @@ def run(opts: LambdaOptions) -> None:
     scale = rec.log_scale[:, :, opts.dim].exp().numpy()  # (T, I+1)
     value = rec.objective.numpy()  # (T, I+1)
     rows = [
-        {"step": t, "iteration": k, "loc": loc[t, k], "scale": scale[t, k],
-         "objective": value[t, k]}
-        for t in range(T) for k in range(I1)
-    ]  # fmt: skip
+        {
+            "step": t,
+            "iteration": k,
+            "loc": loc[t, k],
+            "scale": scale[t, k],
+            "objective": value[t, k],
+        }
+        for t in range(T)
+        for k in range(I1)
+    ]
     csv_path = write_csv(out_path(opts, "lambda", ".csv"), rows, COLUMNS)
     delta = np.diff(value, axis=1)  # (T, I)
     figures = _plot(opts, setup, loc, scale, delta, source)
 
     summary = [
-        DeltaRow(f"{k}→{k + 1}", float(np.nanmean(d)), float(np.nanstd(d)),
-                 float(np.mean(d > 0)))
+        DeltaRow(f"{k}→{k + 1}", float(np.nanmean(d)), float(np.nanstd(d)), float(np.mean(d > 0)))
         for k, d in enumerate(delta.T)
-    ]  # fmt: skip
+    ]
     how = f"re-evaluated with {opts.eval_samples} samples" if opts.eval_samples else "planner trace"
     print(
         f"λ over iterations on {setup.config['env']}: iterative optimizer ({source}) on the "
@@ -210,10 +224,15 @@ def _plot(
     mu_ax.legend(title="iterate", fontsize="x-small", ncol=2, loc="best")
 
     positions = np.arange(1, I1)
-    dj.boxplot([d[np.isfinite(d)] for d in delta.T], positions=positions, widths=0.5,
-               showmeans=True, flierprops={"markersize": 2},
-               meanprops={"marker": "^", "markerfacecolor": "k", "markeredgecolor": "k"},
-               medianprops={"color": "k"})  # fmt: skip
+    dj.boxplot(
+        [d[np.isfinite(d)] for d in delta.T],
+        positions=positions,
+        widths=0.5,
+        showmeans=True,
+        flierprops={"markersize": 2},
+        meanprops={"marker": "^", "markerfacecolor": "k", "markeredgecolor": "k"},
+        medianprops={"color": "k"},
+    )
     dj.axhline(0.0, color="k", lw=0.8, ls="--")
     spread = np.nanpercentile(np.abs(delta), 90, axis=0)  # (I,)
     symlog = spread.max() > 20 * max(spread.min(), 1e-12)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from mbplan.checkpoint import load_plan_step
@@ -122,10 +123,14 @@ def from_file(path: str, step: int) -> tuple[PlanRecord, str]:
     pairs = iterate_rollouts(len(rec.rollouts), rec.objective.shape[0] - 1)
     idx = [k for k, _ in pairs]
     record = PlanRecord(
-        **_stack(rec.rollouts, pairs), objective=rec.objective[idx], loc=rec.loc[idx],
-        real_states=rec.real_states, real_rewards=None, real_q=None,
+        **_stack(rec.rollouts, pairs),
+        objective=rec.objective[idx],
+        loc=rec.loc[idx],
+        real_states=rec.real_states,
+        real_rewards=None,
+        real_q=None,
         where=f"step {step} of {Path(path).name}",
-    )  # fmt: skip
+    )
     return record, rec.planner
 
 
@@ -174,11 +179,15 @@ def plan_live(opts: PlanVizOptions) -> tuple[PlanRecord, str]:
     with torch.no_grad():
         real_q = pessimistic(setup.agent.target_critic(s, a), setup.agent.config.beta)  # (T,)
     record = PlanRecord(
-        **_stack(rollouts, pairs), objective=result.trace.objective[idx, 0],
-        loc=result.trace.loc[idx, 0], real_states=s, real_rewards=torch.tensor(r_list),
-        real_q=real_q, where=f"on-policy state {opts.state_index} ({setup.config['env']})",
+        **_stack(rollouts, pairs),
+        objective=result.trace.objective[idx, 0],
+        loc=result.trace.loc[idx, 0],
+        real_states=s,
+        real_rewards=torch.tensor(r_list),
+        real_q=real_q,
+        where=f"on-policy state {opts.state_index} ({setup.config['env']})",
         names=state_names(env),
-    )  # fmt: skip
+    )
     return record, opts.planner
 
 
@@ -192,8 +201,8 @@ def default_dims(states: Tensor, n: int = 2) -> list[int]:
         states: Predicted states [I+1, H+1, K, S].
         n: How many dims.
     """
-    I1, H1, K, S = states.shape
-    future = states[:, 1:].permute(1, 0, 2, 3).reshape(H1 - 1, I1 * K, S)  # (H, (I+1)·K, S)
+    _, H1, _, S = states.shape
+    future = rearrange(states[:, 1:], "i h k s -> h (i k) s")  # (H, (I+1)·K, S)
     spread = future.std(1, unbiased=False).mean(0) if H1 > 1 else torch.zeros(S)  # (S,)
     return [int(i) for i in spread.argsort(descending=True)[: min(n, S)]]
 
@@ -225,10 +234,14 @@ def plot(record: PlanRecord, dims: list[int], planner: str):
     # Predicted states, rewards and Q̂ along the horizon, one colour per iterate
     names = record.names or []
     series = [
-        (f"state[{d}]" + (f": {names[d]}" if d < len(names) else ""), t_s,
-         record.states[..., d], record.real_states[:, d])
+        (
+            f"state[{d}]" + (f": {names[d]}" if d < len(names) else ""),
+            t_s,
+            record.states[..., d],
+            record.real_states[:, d],
+        )
         for d in dims
-    ]  # fmt: skip
+    ]
     series.append(("reward r_t (model: r̂)", t_r, record.rewards, record.real_rewards))
     series.append(("Q̂_β(s_t, a_t)", t_s, record.q, record.real_q))
     for ax, (name, t, values, real) in zip(flat, series, strict=False):
@@ -282,14 +295,21 @@ def _data(record: PlanRecord, dims: list[int], planner: str) -> dict:
     over_k = {"dim": 2, "unbiased": False}
     real = {"states": record.real_states, "rewards": record.real_rewards, "q": record.real_q}
     return {
-        "where": record.where, "planner": planner, "dims": dims, "state_names": record.names,
-        "iteration": list(range(record.states.shape[0])), "objective": record.objective,
+        "where": record.where,
+        "planner": planner,
+        "dims": dims,
+        "state_names": record.names,
+        "iteration": list(range(record.states.shape[0])),
+        "objective": record.objective,
         "loc": record.loc,
-        "states_mean": record.states.mean(2), "states_std": record.states.std(**over_k),
-        "rewards_mean": record.rewards.mean(2), "rewards_std": record.rewards.std(**over_k),
-        "q_mean": record.q.mean(2), "q_std": record.q.std(**over_k),
+        "states_mean": record.states.mean(2),
+        "states_std": record.states.std(**over_k),
+        "rewards_mean": record.rewards.mean(2),
+        "rewards_std": record.rewards.std(**over_k),
+        "q_mean": record.q.mean(2),
+        "q_std": record.q.std(**over_k),
         "real": real,
-    }  # fmt: skip
+    }
 
 
 def run(opts: PlanVizOptions) -> None:
@@ -318,5 +338,9 @@ def run(opts: PlanVizOptions) -> None:
     print(f"wrote {data} and {', '.join(map(str, figures))}")
 
 
-COMMAND = ("plan", "planned trajectories and Ĵ over optimizer iterations (Fig. 8b, c)",
-           PlanVizOptions, run)  # fmt: skip
+COMMAND = (
+    "plan",
+    "planned trajectories and Ĵ over optimizer iterations (Fig. 8b, c)",
+    PlanVizOptions,
+    run,
+)

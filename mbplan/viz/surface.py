@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from einops import repeat
 from torch import Tensor
 
 from mbplan.distributions import TanhNormal, squash
@@ -82,7 +83,7 @@ class SharedNoise(TanhNormal):
         R, A = self.loc.shape
         G = R // self.batch
         eps = torch.randn(n_samples, G, 1, A, generator=generator, dtype=self.loc.dtype)
-        eps = eps.expand(n_samples, G, self.batch, A).reshape(n_samples, R, A)  # (n, G·batch, A)
+        eps = repeat(eps, "n g 1 a -> n (g c) a", c=self.batch)  # (n, G·batch, A)
         pre_tanh = self.loc + self.log_scale.exp() * eps
         return squash(pre_tanh), pre_tanh, self.log_prob(pre_tanh)
 
@@ -195,17 +196,26 @@ def run(opts: SurfaceOptions) -> None:
     ax.contour(X.numpy(), Y.numpy(), shown, levels=10, colors="white", linewidths=0.4, alpha=0.5)
     bar = fig.colorbar(filled, ax=ax)
     bar.set_label(f"Ĵ(s, λ)  ({opts.objective} objective)")
-    ax.plot(path[:, 0], path[:, 1], "-o", color="white", ms=4, lw=1.5, mec="black", mew=0.6,
-            label=f"iterative λ_0 … λ_{len(path) - 1}")  # fmt: skip
+    ax.plot(
+        path[:, 0],
+        path[:, 1],
+        "-o",
+        color="white",
+        ms=4,
+        lw=1.5,
+        mec="black",
+        mew=0.6,
+        label=f"iterative λ_0 … λ_{len(path) - 1}",
+    )
     ax.plot(*path[-1], "o", color="orange", ms=9, mec="black", label="iterative λ_I")
     ax.plot(*direct, "*", color="red", ms=15, mec="black", label="direct f_φ(s)")
     ax.plot(bx, by, "X", color="magenta", ms=11, mec="black", label="best grid point")
     ax.set_xlabel(f"μ[{dx}]: pre-tanh mean of action dim {dx} (action = tanh μ)")
     ax.set_ylabel(f"μ[{dy}]: pre-tanh mean of action dim {dy}")
     ax.set_title(
-        f"Ĵ at on-policy state {opts.state_index} ({setup.config['env']}); "
-        f"other dims and σ at λ_I", fontsize=10,
-    )  # fmt: skip
+        f"Ĵ at on-policy state {opts.state_index} ({setup.config['env']}); other dims and σ at λ_I",
+        fontsize=10,
+    )
     ax.legend(loc="best", fontsize=8, framealpha=0.8)
     figures = save_figure(fig, opts, opts.stem)
 

@@ -43,8 +43,9 @@ class TrainingOptions:
         "fitted optimizers (RUN/optimizers/*); default: the bundled default's history",
         default_factory=list,
     )
-    x: str = option("steps", "x axis: env steps or training wall-clock seconds",
-                    choices=["steps", "seconds"])  # fmt: skip
+    x: str = option(
+        "steps", "x axis: env steps or training wall-clock seconds", choices=["steps", "seconds"]
+    )
     out: str = option("mbplan-results", "folder for the data file and the figure")
     svg: bool = option(False, "also write the figure as SVG")
 
@@ -148,16 +149,23 @@ def aggregate(runs: list[RunCurves]) -> list[dict]:
             for step, value, seconds in arr:
                 by_key[(kind, run.group)][step].append((value, seconds))
     rows = []
-    for (kind, group), steps in sorted(by_key.items(), key=lambda kv: (KINDS.index(kv[0][0]),
-                                                                        kv[0][1])):  # fmt: skip
+    for (kind, group), steps in sorted(
+        by_key.items(), key=lambda kv: (KINDS.index(kv[0][0]), kv[0][1])
+    ):
         for step in sorted(steps):
             values = np.array([v for v, _ in steps[step]])
             seconds = np.array([s for _, s in steps[step]])
-            rows.append({
-                "kind": kind, "group": group, "step": int(step),
-                "seconds": float(np.nanmean(seconds)) if np.isfinite(seconds).any() else "",
-                "mean": float(values.mean()), "std": float(values.std()), "n_seeds": len(values),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "kind": kind,
+                    "group": group,
+                    "step": int(step),
+                    "seconds": float(np.nanmean(seconds)) if np.isfinite(seconds).any() else "",
+                    "mean": float(values.mean()),
+                    "std": float(values.std()),
+                    "n_seeds": len(values),
+                }
+            )
     return rows
 
 
@@ -195,10 +203,16 @@ def run(opts: TrainingOptions) -> None:
         imp = [r for r in rows if r["group"] == group and r["kind"] == "improvement"]
         seeds = sum(c.group == group for c in runs)
         last = ev[-1] if ev else {"step": 0, "mean": float("nan"), "std": float("nan")}
-        summary.append(CurveRow(
-            group, seeds, int(last["step"]), last["mean"], last["std"],
-            f"{imp[-1]['mean']:.4g}" if imp else "-",
-        ))  # fmt: skip
+        summary.append(
+            CurveRow(
+                group,
+                seeds,
+                int(last["step"]),
+                last["mean"],
+                last["std"],
+                f"{imp[-1]['mean']:.4g}" if imp else "-",
+            )
+        )
     for r in empty:
         print(f"note: {r} has no eval or improvement lines yet")
     print("last evaluation per group (return mean ± std over seeds; improvement Ĵ(λ_N) − Ĵ(λ_0))")
@@ -248,8 +262,15 @@ def _plot(opts: TrainingOptions, rows: list[dict], runs: list[RunCurves]) -> lis
                 ax.legend(fontsize="small")
             else:  # e.g. no iterative run of this env: say so instead of empty axes
                 ax.set_axis_off()
-                ax.text(0.5, 0.5, f"{env}: no {kind} data in these runs", ha="center",
-                        va="center", transform=ax.transAxes, color="0.4")  # fmt: skip
+                ax.text(
+                    0.5,
+                    0.5,
+                    f"{env}: no {kind} data in these runs",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    color="0.4",
+                )
     return save_figure(fig, opts, "training")
 
 

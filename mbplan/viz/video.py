@@ -217,11 +217,16 @@ def run(opts: VideoOptions) -> None:
     steps = []
     for t in range(T):
         t0 = max(0, t - H)
-        steps.append({
-            "t": t, "reward": rec.rewards[t], "return": float(returns[t]),
-            "one_step_rmse": _rmse(pred[t][1], obs[t + 1]),
-            "shown_steps_ahead": t - t0, "shown_rmse": _rmse(pred[t0][t - t0], obs[t]),
-        })  # fmt: skip
+        steps.append(
+            {
+                "t": t,
+                "reward": rec.rewards[t],
+                "return": float(returns[t]),
+                "one_step_rmse": _rmse(pred[t][1], obs[t + 1]),
+                "shown_steps_ahead": t - t0,
+                "shown_rmse": _rmse(pred[t0][t - t0], obs[t]),
+            }
+        )
 
     # Frames: real | predicted
     frames = []
@@ -236,8 +241,10 @@ def run(opts: VideoOptions) -> None:
                 frames.append(left)
                 continue
             t0, h = t - s["shown_steps_ahead"], s["shown_steps_ahead"]
-            velocity = sum((layout.root_velocity(pred[t0][j]) for j in range(1, h + 1)),
-                           np.zeros(layout.skipped))  # fmt: skip
+            velocity = sum(
+                (layout.root_velocity(pred[t0][j]) for j in range(1, h + 1)),
+                np.zeros(layout.skipped),
+            )
             qpos, qvel = layout.pose(pred[t0][h], rec.qpos[t0][: layout.skipped] + dt * velocity)
             if np.isfinite(qpos).all() and np.isfinite(qvel).all():
                 penv.unwrapped.set_state(qpos, qvel)
@@ -245,8 +252,13 @@ def run(opts: VideoOptions) -> None:
                 right = render_frame(penv)
             else:
                 right = np.zeros_like(real)
-            right = label(right, [f"model: t={t} predicted at t={t0} ({h} ahead)",
-                                  f"state RMSE vs real {s['shown_rmse']:.2f}"])  # fmt: skip
+            right = label(
+                right,
+                [
+                    f"model: t={t} predicted at t={t0} ({h} ahead)",
+                    f"state RMSE vs real {s['shown_rmse']:.2f}",
+                ],
+            )
             gap = np.full((real.shape[0], 4, 3), 255, dtype=np.uint8)
             frames.append(np.concatenate([left, gap, right], axis=1))
     finally:
@@ -259,15 +271,25 @@ def run(opts: VideoOptions) -> None:
     write_video(frames, str(tmp), fps=fps)
     os.replace(tmp, video)
     one_step = float(np.mean([s["one_step_rmse"] for s in steps]))
-    data = write_json(out_path(opts, opts.stem, ".json"), {
-        "env": env_id, "planner": opts.planner, "horizon": H, "steps": T,
-        "return": float(returns[-1]), "fps": fps, "video": str(video),
-        "right_half": (
-            "model prediction of step t made by the plan at t - min(t, H) (mean over samples)"
-            if layout else None
-        ),
-        "mean_one_step_rmse": one_step, "per_step": steps,
-    })  # fmt: skip
+    data = write_json(
+        out_path(opts, opts.stem, ".json"),
+        {
+            "env": env_id,
+            "planner": opts.planner,
+            "horizon": H,
+            "steps": T,
+            "return": float(returns[-1]),
+            "fps": fps,
+            "video": str(video),
+            "right_half": (
+                "model prediction of step t made by the plan at t - min(t, H) (mean over samples)"
+                if layout
+                else None
+            ),
+            "mean_one_step_rmse": one_step,
+            "per_step": steps,
+        },
+    )
     print(
         f"{opts.planner} MPC on {env_id}, H={H}: {T} steps, return {returns[-1]:.1f}; "
         f"one-step state RMSE {one_step:.3f} (mean over steps)"

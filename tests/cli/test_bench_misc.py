@@ -18,19 +18,6 @@ def test_value_bias(tmp_path):
     valid_png(tmp_path / "value_bias.png")
 
 
-def test_value_bias_soft_return():
-    import numpy as np
-
-    from mbplan.bench.value_bias import soft_returns
-
-    r, kl, gamma, alpha = np.array([1.0, 2.0, 3.0]), np.array([0.5, 0.1, 0.2]), 0.9, 0.5
-    g = soft_returns(r, kl, gamma, alpha)
-    # Q(s_t, a_t) = r_t + Σ_k γ^k (r_{t+k} − α KL_{t+k}); the first action pays no KL
-    assert g[2] == pytest.approx(3.0)
-    assert g[1] == pytest.approx(2.0 + 0.9 * (3.0 - 0.5 * 0.2))
-    assert g[0] == pytest.approx(1.0 + 0.9 * (2.0 - 0.05) + 0.81 * (3.0 - 0.1))
-
-
 def test_modes(tmp_path):
     out = ok(run_cli("bench", "modes", "--out", tmp_path, "--states", 4, "--runs", 3,
                      "--action-samples", 20, "--state-index", 1))  # fmt: skip

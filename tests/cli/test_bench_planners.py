@@ -1,12 +1,9 @@
 """``mbplan bench planners`` (with its step-size sweep), ``gap`` and ``iterations`` (subprocess)."""
 
 import pytest
-import torch
 from cli_helpers import PNG_SIGNATURE, one_line_error, read_csv, run_cli
-from conftest import quadratic_family
 
-import mbplan
-from mbplan.bench.planners import SWEEP_LRS, Curve, sweep_score, tune
+from mbplan.bench.planners import SWEEP_LRS
 
 pytestmark = [pytest.mark.mujoco, pytest.mark.slow]
 
@@ -90,20 +87,6 @@ def test_planners_no_sweep(tmp_path):
     assert runs == {("iterative", ""), ("adam", "fixed")}
     assert not (tmp_path / "bench-planners-sweep.csv").exists()
     assert "held-out" not in out.stdout and "tuned" not in out.stdout
-
-
-def test_sweep_score_and_tune_on_analytic_objective():
-    S, A, B = 3, 2, 8
-    q_fn, _ = quadratic_family(S, A)
-    objective = mbplan.make_objective(q_fn, alpha=0.05, state_dim=S, action_dim=A)
-    states = torch.randn(B, S, generator=torch.Generator().manual_seed(0))
-    points = tune(objective, states, "adam", [1e-4, 1e-1, 1e-4], iters=20)
-    assert [p.lr for p in points] == [1e-4, 1e-1]  # duplicates run once
-    assert [p.chosen for p in points] == [False, True]  # a tiny step barely moves
-    curve = Curve(*(torch.arange(3.0) for _ in range(3)), torch.tensor([0.0, 1.0, 3.0]))
-    assert sweep_score(curve) == 2.0  # mean over iterates 1..I, λ_0 excluded
-    curve.objective[1] = -torch.inf  # a non-finite value is the worst, never a good one
-    assert sweep_score(curve) == -float("inf")
 
 
 def test_gap_rows_per_planner_and_state(smoke):

@@ -91,22 +91,6 @@ def test_viz_plan_file_bad_input(plans_file, args):
     one_line_error(run_cli("viz", "plan", "--plans", plans_file, *args))
 
 
-def test_fixed_noise_is_shared_across_the_batch():
-    import torch
-
-    from mbplan.objective import make_objective
-    from mbplan.viz.surface import evaluate_fixed_noise
-
-    objective = make_objective(lambda s, a: -(a - 0.3).square().sum(-1), alpha=0.1, n_samples=4)
-    state = torch.zeros(1, 3)
-    loc = torch.tensor([[0.5, -0.2], [0.1, 0.0], [0.5, -0.2], [0.5, -0.2]])  # (N, A)
-    log_scale = torch.full_like(loc, -1.0)
-    once = evaluate_fixed_noise(objective, state, loc, log_scale, batch=4, seed=0)
-    assert once[0] == once[2] == once[3]  # same λ, same noise, anywhere in the batch
-    by_one = evaluate_fixed_noise(objective, state, loc, log_scale, batch=1, seed=0)
-    assert torch.allclose(once, by_one)  # and in any batch size
-
-
 def test_pose_from_observation():
     import numpy as np
 
