@@ -45,8 +45,8 @@ def test_wheel_contains_subpackages_and_imports(tmp_path):
         capture_output=True,
     )
     code = (
-        "import mbplan, mbplan.models, mbplan.planners, mbplan.mpc;"
-        "assert (mbplan.mpc.default_bundle() / 'latest').is_file();"
+        "import mbplan, mbplan.models, mbplan.planners, mbplan.checkpoint;"
+        "assert (mbplan.checkpoint.default_bundle() / 'latest').is_file();"
         f"assert mbplan.__file__.startswith({str(target)!r}), mbplan.__file__;"
         "print(sorted(mbplan.planners.PLANNERS))"
     )
