@@ -328,6 +328,11 @@ class Agent(nn.Module):
             return None
         return self.distilled if self.distilled is not None else self.planner  # type: ignore[return-value]
 
+    def weights_finite(self) -> bool:
+        """Whether every trained and target weight is finite (one check over the flat buffers)."""
+        with torch.no_grad():
+            return all(bool(torch.isfinite(flat).all()) for flat in self._flat.values())
+
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The optimizers by name (for checkpoints)."""
         return {"adam": self.optim}

@@ -17,15 +17,19 @@ crash never leaves a half-written file under a final name. Loading never unpickl
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import socket
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -94,6 +98,52 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict |
         os.fsync(f.fileno())
 
 
+# -- run folders: one writer at a time -------------------------------------------------------------
+
+#: Files of the lock itself, ignored when asking whether a run folder is empty.
+LOCK_FILES = (".lock", ".lock.owner")
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | Path, command: str) -> Iterator[Path]:
+    """Hold the run folder's lock while ``command`` writes into it (creating the folder).
+
+    A lock file (``filelock``) guards the folder, so two mbplan processes never write into one
+    run at once; the holder's pid and command are kept beside it for the error message.
+
+    Raises:
+        UserError: Another process holds the lock (names it).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{folder} is a file, not a run folder") from None
+    lock = FileLock(str(folder / ".lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = (folder / ".lock.owner").read_text().strip()
+        except OSError:
+            holder = "another process"
+        raise UserError(f"{folder} is in use by {holder}; wait for it to finish") from None
+    try:
+        owner = f"mbplan {command} (pid {os.getpid()} on {socket.gethostname()})"
+        atomic_write_text(folder / ".lock.owner", owner)
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            (folder / ".lock.owner").unlink()
+        lock.release()
+
+
+def is_empty_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is missing or holds nothing but the lock's own files."""
+    folder = Path(folder)
+    return not folder.exists() or all(p.name in LOCK_FILES for p in folder.iterdir())
+
+
 # -- run checkpoints -----------------------------------------------------------------------------
 
 
@@ -121,9 +171,12 @@ def save_checkpoint(
     tmp = run_dir / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    digests = {}
     for name, tensors in groups.items():
         _save_tensors(tensors, tmp / f"{name}.safetensors")
-    atomic_write_text(tmp / "meta.json", json.dumps({**meta, "step": step}, indent=1))
+        digests[name] = file_digest(tmp / f"{name}.safetensors")
+    meta = {**meta, "step": step, "sha256": digests}
+    atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -131,8 +184,35 @@ def save_checkpoint(
     atomic_write_text(run_dir / LATEST, final.name + "\n")
     _fsync_dir(run_dir)
     for old in completed_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != final:  # never the one just written, whatever older runs left behind
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verify(folder: Path, digests: Any, names: list[str]) -> None:
+    """Compare the files' SHA-256 with those recorded at save time.
+
+    Files saved before mbplan recorded digests have none and are not checked.
+    """
+    if digests is None:
+        return
+    if not isinstance(digests, dict):
+        raise UserError(f"corrupt {folder}/meta.json: sha256 is not an object")
+    for name in names:
+        want = digests.get(name)
+        if want is not None and file_digest(folder / f"{name}.safetensors") != want:
+            raise UserError(
+                f"corrupt checkpoint {folder}: {name}.safetensors changed since it was saved"
+            )
 
 
 def completed_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -143,22 +223,37 @@ def completed_checkpoints(run_dir: str | Path) -> list[Path]:
 def find_checkpoint(path: str | Path) -> Path:
     """Resolve a run folder (its latest checkpoint) or a checkpoint folder.
 
+    Falls back to the newest completed checkpoint when ``latest`` is missing, names something
+    outside the run, or points at a checkpoint without ``meta.json`` — with a warning that says
+    which checkpoint is used instead.
+
     Raises:
         UserError: Nothing there, or no completed checkpoint in it.
     """
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise UserError(f"not a run or checkpoint folder: {path}")
     if (path / "meta.json").is_file():
         return path
-    pointer = path / LATEST
+    pointer, problem = path / LATEST, None
     if pointer.is_file():
-        candidate = path / pointer.read_text().strip()
-        if (candidate / "meta.json").is_file():
-            return candidate
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        if not (name.startswith(PREFIX) and name[len(PREFIX) :].isdigit()):
+            problem = f"{pointer} does not name a checkpoint of this run"
+        elif not (path / name / "meta.json").is_file():
+            problem = f"{pointer} names {name}, which is incomplete (no meta.json)"
+        else:
+            return path / name
     done = [p for p in completed_checkpoints(path) if (p / "meta.json").is_file()]
     if not done:
         raise UserError(f"no completed checkpoint in {path}")
+    if problem is not None:
+        warnings.warn(f"{problem}; using {done[-1].name} instead", stacklevel=2)
     return done[-1]
 
 
@@ -171,11 +266,16 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
     ckpt = find_checkpoint(path)
     try:
         meta = json.loads((ckpt / "meta.json").read_text())
-        groups = {p.stem: load_file(str(p)) for p in sorted(ckpt.glob("*.safetensors"))}
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise UserError(f"corrupt checkpoint {ckpt}: {exc}") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"corrupt checkpoint {ckpt}: meta.json is not an object")
+        if not isinstance(meta, dict):
+            raise UserError(f"corrupt checkpoint {ckpt}: meta.json is not an object")
+        files = sorted(ckpt.glob("*.safetensors"))
+        _verify(ckpt, meta.get("sha256"), [p.stem for p in files])
+        for name in meta.get("sha256") or {}:
+            if not (ckpt / f"{name}.safetensors").is_file():
+                raise UserError(f"corrupt checkpoint {ckpt}: {name}.safetensors is missing")
+        groups = {p.stem: load_file(str(p)) for p in files}
+    except (OSError, ValueError, SafetensorError, UnicodeDecodeError) as exc:
+        raise UserError(f"corrupt checkpoint {ckpt}: {str(exc).splitlines()[0]}") from None
     return groups, meta
 
 
@@ -219,18 +319,95 @@ def agent_tensors(agent: Agent) -> tuple[dict[str, dict[str, torch.Tensor]], dic
     return groups, settings
 
 
-def restore_agent(agent: Agent, groups: dict[str, dict[str, torch.Tensor]], meta: dict) -> None:
-    """Load weights (and optimizer state when present) into ``agent``.
+def check_tensors(
+    label: str,
+    tensors: dict[str, torch.Tensor],
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
+) -> None:
+    """Check loaded tensors against what they will be loaded into, before any kernel sees them.
+
+    Args:
+        label: Start of the error message, naming what is loaded (``"corrupt replay.safetensors"``).
+        tensors: name → loaded tensor.
+        expected: name → (shape, dtype) of the tensor it replaces.
 
     Raises:
-        UserError: The checkpoint does not fit this agent (other env shape, other agent kind).
+        UserError: A name missing or unexpected, a shape or dtype that differs, a non-finite value.
     """
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise UserError(f"{label}: {what} tensors")
+    for name, (shape, dtype) in expected.items():
+        t = tensors[name]
+        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            raise UserError(
+                f"{label}: {name} is {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}"
+            )
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{label}: {name} holds non-finite values")
+
+
+def _like(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+
+
+def _optimizer_expected(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], settings: Any
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The (shape, dtype) of each saved optimizer tensor: Adam's moments like their parameter."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    groups = settings.get("param_groups") if isinstance(settings, dict) else None
+    saved_ids = [i for g in groups or [] if isinstance(g, dict) for i in g.get("params", [])]
+    if not isinstance(groups, list) or saved_ids != list(range(len(params))):
+        raise UserError("corrupt optimizer settings: parameter groups do not fit the agent")
+    for g in groups:
+        lr = g.get("lr")
+        if not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+            raise UserError(f"corrupt optimizer settings: learning rate {lr!r}")
+    expected = {}
+    for key in tensors:
+        pid, _, name = key.partition(".")
+        if not pid.isdigit() or int(pid) >= len(params):
+            raise UserError(f"corrupt optimizer state: unexpected tensor {key}")
+        p = params[int(pid)]
+        if name == "step":
+            expected[key] = ((), torch.float32)
+        else:  # exp_avg, exp_avg_sq, max_exp_avg_sq: one value per parameter entry
+            expected[key] = (tuple(p.shape), p.dtype)
+    return expected
+
+
+def restore_agent(agent: Agent, groups: dict[str, dict[str, torch.Tensor]], meta: dict) -> None:
+    """Validate, then load weights (and optimizer state when present) into ``agent``.
+
+    Every tensor is checked against the agent (names, shapes, dtypes, finite values) before it
+    is loaded, so a damaged file ends in a :class:`UserError`, never in a crashed kernel.
+
+    Raises:
+        UserError: The checkpoint does not fit this agent (other env shape, other agent kind), or
+            it is damaged.
+    """
+    if "weights" not in groups:
+        raise UserError("corrupt checkpoint: no weights.safetensors")
+    weights = groups["weights"]
+    if set(weights) != set(agent.state_dict()):
+        raise UserError("checkpoint does not fit the agent: other networks (another agent kind?)")
+    check_tensors("checkpoint does not fit the agent", weights, _like(agent.state_dict()))
+    settings = meta.get("optimizers", {})
+    if not isinstance(settings, dict):
+        raise UserError("corrupt checkpoint: optimizer settings are not an object")
+    for name, opt in agent.optimizers().items():
+        if f"optim_{name}" in groups and name in settings:
+            tensors = groups[f"optim_{name}"]
+            check_tensors(f"corrupt optim_{name}.safetensors", tensors,
+                          _optimizer_expected(opt, tensors, settings[name]))  # fmt: skip
     try:
         agent.load_state_dict(groups["weights"])
         for name, opt in agent.optimizers().items():
-            if f"optim_{name}" in groups and name in meta.get("optimizers", {}):
-                optimizer_from_tensors(opt, groups[f"optim_{name}"], meta["optimizers"][name])
-    except (KeyError, RuntimeError, ValueError) as exc:
+            if f"optim_{name}" in groups and name in settings:
+                optimizer_from_tensors(opt, groups[f"optim_{name}"], settings[name])
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
         raise UserError(f"checkpoint does not fit the agent: {str(exc).splitlines()[0]}") from None
 
 
@@ -242,22 +419,92 @@ def load_agent(path: str | Path, device: str = "cpu") -> tuple[Agent, dict[str, 
     """
     groups, meta = load_checkpoint(path)
     config = meta.get("config")
-    spec = meta.get("env_spec")
-    if not isinstance(config, dict) or not isinstance(spec, dict):
-        raise UserError(f"corrupt checkpoint {find_checkpoint(path)}: no config or env_spec")
-    known = {f.name for f in fields(TrainOptions)}
-    opts = TrainOptions(**{k: v for k, v in config.items() if k in known})
+    if not isinstance(config, dict):
+        raise UserError(f"corrupt checkpoint {find_checkpoint(path)}: no config")
+    spec = check_env_spec(meta.get("env_spec"), f"checkpoint {find_checkpoint(path)}")
+    opts = TrainOptions.from_dict(config, f"checkpoint {find_checkpoint(path)}")
     agent = Agent(spec["state_dim"], spec["action_dim"], opts.agent_config()).to(device)
     restore_agent(agent, groups, meta)
     return agent, {**config, "env_spec": spec}
 
 
+def check_env_spec(spec: Any, where: str) -> dict[str, Any]:
+    """A saved ``env_spec`` with the keys and types planning and training read.
+
+    Raises:
+        UserError: Not an object, a key missing, or a value of the wrong type.
+    """
+    if not isinstance(spec, dict):
+        raise UserError(f"corrupt {where}: no env_spec")
+    for key, kind in (("env_id", str), ("state_dim", int), ("action_dim", int)):
+        value = spec.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError(f"corrupt {where}: env_spec.{key} is {value!r}")
+    if spec["state_dim"] < 1 or spec["action_dim"] < 1:
+        raise UserError(f"corrupt {where}: env_spec sizes must be >= 1")
+    dt = spec.get("dt")
+    if dt is not None and (not isinstance(dt, (int, float)) or not dt > 0):
+        raise UserError(f"corrupt {where}: env_spec.dt is {dt!r}")
+    return spec
+
+
 def replay_transitions(path: str | Path) -> dict[str, torch.Tensor]:
     """The replay buffer of a run's newest checkpoint, oldest transition first."""
     groups, _ = load_checkpoint(path)
-    if "replay" not in groups or groups["replay"]["states"].shape[0] < 2:
+    if "replay" not in groups:
+        raise UserError(f"no replay buffer in {path} (an exported bundle keeps none)")
+    replay = groups["replay"]
+    check_replay(replay)
+    if replay["states"].shape[0] < 2:
         raise UserError(f"no replay buffer in {path}")
-    return groups["replay"]
+    return replay
+
+
+def check_replay(replay: dict[str, torch.Tensor], S: int | None = None, A: int | None = None):
+    """Check a saved replay buffer: every field, one length, float32, finite, S and A if given.
+
+    Raises:
+        UserError: A field missing or of another shape, dtype or length; non-finite values.
+    """
+    states = replay.get("states")
+    if states is None or states.ndim != 2:
+        raise UserError("corrupt replay.safetensors: no states [N, S]")
+    actions = replay.get("actions")
+    if actions is None or actions.ndim != 2:
+        raise UserError("corrupt replay.safetensors: no actions [N, A]")
+    n, S = states.shape[0], states.shape[1] if S is None else S
+    A = actions.shape[1] if A is None else A
+    expected = {
+        "states": ((n, S), torch.float32),
+        "actions": ((n, A), torch.float32),
+        "rewards": ((n,), torch.float32),
+        "next_states": ((n, S), torch.float32),
+        "terminated": ((n,), torch.float32),
+    }
+    check_tensors("corrupt replay.safetensors", replay, expected)
+
+
+def check_rng(rng: dict[str, torch.Tensor], names: tuple[str, ...]) -> None:
+    """Check saved generator states against the size of a fresh generator's state."""
+    size = tuple(torch.Generator().get_state().shape)
+    check_tensors("corrupt rng.safetensors", rng, dict.fromkeys(names, (size, torch.uint8)))
+
+
+def read_evals(path: str | Path) -> list[dict[str, Any]]:
+    """The evaluation lines of a run's ``metrics.jsonl`` (unreadable lines skipped)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    evals = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("eval_return_mean"), (int, float)):
+            evals.append(record)
+    return evals
 
 
 # -- folders of weights.safetensors + meta.json (model/, optimizers/<objective>/) -----------------
@@ -270,6 +517,7 @@ def save_folder(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[s
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     _save_tensors(tensors, tmp / "weights.safetensors")
+    meta = {**meta, "sha256": {"weights": file_digest(tmp / "weights.safetensors")}}
     atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -289,11 +537,13 @@ def load_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         else:
             raise UserError(f"not found: {path}")
     try:
-        return load_file(str(path / "weights.safetensors")), json.loads(
-            (path / "meta.json").read_text()
-        )
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise UserError(f"corrupt {path}: {exc}") from None
+        meta = json.loads((path / "meta.json").read_text())
+        if not isinstance(meta, dict):
+            raise UserError(f"corrupt {path}/meta.json: not an object")
+        _verify(path, meta.get("sha256"), ["weights"])
+        return load_file(str(path / "weights.safetensors")), meta
+    except (OSError, ValueError, SafetensorError, UnicodeDecodeError) as exc:
+        raise UserError(f"corrupt {path}: {str(exc).splitlines()[0]}") from None
 
 
 def has_folder(path: str | Path) -> bool:
@@ -353,6 +603,9 @@ def load_optimizer_folder(path: str | Path, S: int, A: int) -> IterativePlanner:
 def load_prefixed(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
     """Load the tensors whose names start with ``prefix`` (stripped) into ``module``."""
     state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise UserError(f"corrupt weights: {prefix}{k} holds non-finite values")
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:

@@ -7,19 +7,24 @@ done by :mod:`mbplan.fit`, :mod:`mbplan.mpc` and :mod:`mbplan.checkpoint`.
 from __future__ import annotations
 
 import json
+import math
+import os
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from mbplan.checkpoint import (
     export_bundle,
+    is_empty_folder,
     model_tensors,
     replay_transitions,
     require_run,
+    run_lock,
     run_or_default,
     save_folder,
     save_plans,
@@ -41,7 +46,7 @@ from mbplan.mpc import (
     planner_for,
     trust_option,
 )
-from mbplan.options import option
+from mbplan.options import MAX_HORIZON, MAX_ITERS, option
 from mbplan.planners import PLANNERS
 
 
@@ -49,7 +54,9 @@ from mbplan.planners import PLANNERS
 class FitModelOptions:
     """Options of ``mbplan fit-model``."""
 
-    checkpoint: str = option("", "run folder whose replay buffer the model is fitted on")
+    checkpoint: str = option(
+        "", "run folder whose replay buffer the model is fitted on", required=True
+    )
     steps: int = option(5000, "gradient steps")
     batch_size: int = option(256, "transitions per step")
     lr: float = option(3e-4, "Adam learning rate")
@@ -67,7 +74,7 @@ class FitModelOptions:
 class EvalModelOptions:
     """Options of ``mbplan eval-model``."""
 
-    checkpoint: str = option("", "run folder with a fitted model")
+    checkpoint: str = option("", "run folder with a fitted model", required=True)
     horizon: int = option(5, "open-loop horizon")
     holdout: float = option(0.05, "newest fraction of the replay used (held out at fit time)")
     seed: int = option(0, "seed of the sampled sequences")
@@ -77,9 +84,15 @@ class EvalModelOptions:
 class FitOptimizerOptions:
     """Options of ``mbplan fit-optimizer``."""
 
-    checkpoint: str = option("", "run folder (its critics, model and policy stay frozen)")
+    checkpoint: str = option(
+        "", "run folder (its critics, model and policy stay frozen)", required=True
+    )
     objective: str = option("model", "objective to fit on", choices=("model-free", "model"))
-    steps: int = option(2000, "gradient steps")
+    steps: int = option(
+        2000,
+        "gradient steps (each costs about 1 s on a 2-core CPU, N+1 objective evaluations of "
+        "256 states: 2000 steps ≈ 35 min; a progress bar shows the ETA)",
+    )
     horizon: int = option(2, "rollout horizon H of the model objective")
     iters: int = option(5, "iterations N of the optimizer")
     samples: int = option(10, "samples K per state")
@@ -108,7 +121,49 @@ class PlanOptions:
     stochastic: bool = option(False, "act with a sample instead of tanh(μ)")
     video: str = option("", "write the first episode as an MP4 here")
     save_plans: str = option("", "write every step's plans (safetensors) here")
-    threads: int = option(0, "torch CPU threads (0 = one per core)")
+    threads: int = option(
+        1, "torch CPU threads (one state per step: more threads barely help; 0 = one per core)"
+    )
+
+
+def check_plan_sizes(horizon: int, iters: int, samples: int, episodes: int, max_steps: int) -> None:
+    """Bounds of the planning sizes: values past them would only hang or exhaust memory."""
+    if not 1 <= horizon <= MAX_HORIZON:
+        raise UserError(f"--horizon must be in [1, {MAX_HORIZON}], got {horizon}")
+    if not 0 <= iters <= MAX_ITERS:
+        raise UserError(
+            f"--iters must be in [0, {MAX_ITERS}] (0 = the planner's default), got {iters}"
+        )
+    if not 0 <= samples <= 10**5:
+        raise UserError(f"--samples must be in [0, 100000] (0 = 10), got {samples}")
+    if not 1 <= episodes <= 10**6 or not 0 <= max_steps <= 10**7:
+        raise UserError("--episodes must be in [1, 1000000] and --max-steps in [0, 10000000]")
+
+
+def check_writable(path: str) -> None:
+    """Refuse an output file whose folder is missing or not writable (before any work is done)."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{path} is a folder: give a file name")
+    folder = target.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write {path}: folder {folder} is not writable")
+
+
+def policy_reference(setup) -> str | None:
+    """The direct policy's own return at the end of its training (its last eval line), if known."""
+    evals = setup.evals
+    if not evals:
+        return None
+    last = evals[-1]
+    n = len(last.get("eval_returns", [])) or "?"
+    return (
+        f"reference: the run's own policy scored {last['eval_return_mean']:.1f} ± "
+        f"{last.get('eval_return_std', float('nan')):.1f} (SD over {n} eval episodes at step "
+        f"{last.get('step')}, no planning)"
+    )
 
 
 def _threads(n: int) -> None:
@@ -122,8 +177,8 @@ def _threads(n: int) -> None:
 class ExportOptions:
     """Options of ``mbplan export``."""
 
-    checkpoint: str = option("", "run folder (with a model and fitted optimizers)")
-    out: str = option("", "folder for the lean planning bundle")
+    checkpoint: str = option("", "run folder (with a model and fitted optimizers)", required=True)
+    out: str = option("", "new (or empty) folder for the lean planning bundle", required=True)
 
 
 def export_cmd(opts: ExportOptions) -> None:
@@ -131,7 +186,17 @@ def export_cmd(opts: ExportOptions) -> None:
     run = require_run(opts.checkpoint)
     if not opts.out:
         raise UserError("--out is required")
-    out = export_bundle(run, opts.out)
+    if (
+        Path(opts.out).resolve() == run.resolve()
+        or run.resolve() in Path(opts.out).resolve().parents
+    ):
+        raise UserError("--out must be a new folder outside the run, not the run itself")
+    if Path(opts.out).exists() and not Path(opts.out).is_dir():
+        raise UserError(f"--out {opts.out} is a file")
+    with run_lock(opts.out, "export") as folder:
+        if not is_empty_folder(folder):
+            raise UserError(f"--out {opts.out} is not empty: export writes only into a new folder")
+        out = export_bundle(run, folder)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"planning bundle written to {out} ({size / 1e6:.1f} MB)")
 
@@ -141,6 +206,26 @@ def fit_model_cmd(opts: FitModelOptions) -> None:
     run = require_run(opts.checkpoint)
     if opts.steps < 1 or opts.horizon < 1 or not 0 < opts.holdout < 1:
         raise UserError("--steps and --horizon must be >= 1 and 0 < --holdout < 1")
+    check_fit_options(opts)
+    with run_lock(run, "fit-model"):
+        _fit_model(run, opts)
+
+
+def check_fit_options(opts) -> None:
+    """Ranges shared by fit-model and fit-optimizer (a NaN or huge rate only diverges)."""
+    if not (math.isfinite(opts.lr) and 0 < opts.lr <= 1):
+        raise UserError(f"--lr must be in (0, 1], got {opts.lr}")
+    if not 1 <= opts.batch_size <= 10**6:
+        raise UserError(f"--batch-size must be in [1, 1000000], got {opts.batch_size}")
+    if not 0 <= opts.seed < 2**31:
+        raise UserError(f"--seed must be in [0, 2147483647], got {opts.seed}")
+    if not 0 <= opts.threads <= 4096:
+        raise UserError(f"--threads must be in [0, 4096], got {opts.threads}")
+
+
+def _fit_model(run, opts: FitModelOptions) -> None:
+    if not 1 <= opts.hidden <= 65536 or opts.distill_steps < 0 or opts.horizon > MAX_HORIZON:
+        raise UserError("--hidden must be in [1, 65536], --distill-steps >= 0, --horizon <= 1000")
     _threads(opts.threads)
     data = replay_transitions(run)
     train, held = split_holdout(data, opts.holdout)
@@ -206,6 +291,14 @@ def fit_optimizer_cmd(opts: FitOptimizerOptions) -> None:
     run = require_run(opts.checkpoint)
     if min(opts.steps, opts.iters, opts.samples, opts.batch_size, opts.horizon) < 1:
         raise UserError("--steps, --iters, --samples, --batch-size and --horizon must be >= 1")
+    if opts.horizon > MAX_HORIZON or opts.iters > 1000 or opts.samples > 10**5:
+        raise UserError("--horizon must be <= 1000, --iters <= 1000 and --samples <= 100000")
+    check_fit_options(opts)
+    with run_lock(run, "fit-optimizer"):
+        _fit_optimizer(run, opts)
+
+
+def _fit_optimizer(run, opts: FitOptimizerOptions) -> None:
     _threads(opts.threads)
     setup = load_setup(run)
     if opts.objective == "model":
@@ -255,11 +348,13 @@ def fit_optimizer_cmd(opts: FitOptimizerOptions) -> None:
 
 def plan_cmd(opts: PlanOptions) -> None:
     """Receding-horizon control with a planner against the model-based objective."""
-    if opts.horizon < 1:
-        raise UserError(f"--horizon must be >= 1, got {opts.horizon}")
+    check_plan_sizes(opts.horizon, opts.iters, opts.samples, opts.episodes, opts.max_steps)
     trust = check_trust(opts.trust, opts.planner)
-    if opts.iters < 0 or opts.episodes < 1 or opts.samples < 0 or opts.max_steps < 0:
-        raise UserError("--iters, --samples, --max-steps must be >= 0 and --episodes >= 1")
+    if not 0 <= opts.seed < 2**31 or not 0 <= opts.threads <= 4096:
+        raise UserError("--seed must be in [0, 2147483647] and --threads in [0, 4096]")
+    for path in (opts.save_plans, opts.video):
+        if path:
+            check_writable(path)
     _threads(opts.threads)
     setup = load_setup(run_or_default(opts.checkpoint))
     objective, _ = model_objective(setup, opts.horizon, opts.samples or None)
@@ -295,6 +390,9 @@ def plan_cmd(opts: PlanOptions) -> None:
         f"over {len(stats.returns)} episodes; {stats.ms_per_action:.1f} ms/action; "
         f"mean Ĵ(λ_I) − Ĵ(λ_0) = {stats.improvement:.3f}"
     )
+    reference = policy_reference(setup)
+    if reference:
+        print(reference)
     if stats.compile_seconds:
         print(f"compiled the plan in {stats.compile_seconds:.1f} s (not in ms/action)")
     if opts.video and frames:
@@ -322,7 +420,9 @@ class TransferOptions:
     init: str = init_option()
     trust: float = trust_option()
     compile: bool = compile_option()
-    threads: int = option(0, "torch CPU threads (0 = one per core)")
+    threads: int = option(
+        1, "torch CPU threads (one state per step: more threads barely help; 0 = one per core)"
+    )
 
 
 def transfer_cmd(opts: TransferOptions) -> None:
@@ -331,8 +431,7 @@ def transfer_cmd(opts: TransferOptions) -> None:
     Plans against Ĵ_MB with an iterative optimizer trained only on the model-free objective, beside
     the one trained on Ĵ_MB and the direct policy, with the same seeds.
     """
-    if opts.horizon < 1 or opts.episodes < 1:
-        raise UserError("--horizon and --episodes must be >= 1")
+    check_plan_sizes(opts.horizon, 0, opts.samples, opts.episodes, opts.max_steps)
     check_trust(opts.trust)
     _threads(opts.threads)
     setup = load_setup(run_or_default(opts.checkpoint))

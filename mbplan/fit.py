@@ -69,11 +69,25 @@ def fit_models(
         idx = torch.randint(0, n, (batch_size,), generator=generator)
         d_loss = dynamics.loss(s[idx], a[idx], s2[idx])
         r_loss = reward.loss(s[idx], a[idx], r[idx])
+        if not (torch.isfinite(d_loss) and torch.isfinite(r_loss)):
+            raise ValueError(
+                f"model fit diverged at step {len(log)}: dynamics_loss = {d_loss.item()}, "
+                f"reward_loss = {r_loss.item()}"
+            )
         optimizer.zero_grad(set_to_none=True)
         (d_loss + r_loss).backward()
         optimizer.step()
         log.append({"dynamics_loss": d_loss.item(), "reward_loss": r_loss.item()})
+    check_finite_weights("model fit", dynamics, reward)
     return log
+
+
+def check_finite_weights(what: str, *modules: torch.nn.Module) -> None:
+    """Raise ValueError (nothing gets saved) if any weight of ``modules`` is NaN or infinite."""
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(f"{what} diverged: {name} holds non-finite weights")
 
 
 def sequence_starts(data: Transitions, horizon: int) -> Tensor:
@@ -155,6 +169,7 @@ def fit_optimizer(
         return states[torch.randint(0, states.shape[0], (batch_size,), generator=generator)]
 
     log = train_amortized(planner, objective, sample_states, steps, lr, generator, on_step=on_step)
+    check_finite_weights("optimizer fit", planner)
     return planner.eval().requires_grad_(False), log.improvements
 
 
@@ -186,5 +201,6 @@ def distill_direct(
         kl.backward()
         optim.step()
         kls.append(kl.item())
+    check_finite_weights("distillation", student)
     tail = kls[-min(50, len(kls)) :]
     return student.eval().requires_grad_(False), sum(tail) / len(tail)

@@ -28,6 +28,7 @@ from mbplan.checkpoint import (
     load_agent,
     load_model_folder,
     load_optimizer_folder,
+    read_evals,
 )
 from mbplan.distributions import TanhNormal
 from mbplan.envs import render_frame
@@ -53,6 +54,8 @@ class Setup:
         reward: Learned reward (None without a model).
         optimizers: Iterative optimizers fitted per objective (``model-free``, ``model``).
         distilled: A direct network distilled from an iterative agent by ``fit-model``.
+        evals: The run's evaluation lines of ``metrics.jsonl`` (its policy's returns), oldest
+            first.
     """
 
     agent: Agent
@@ -61,6 +64,7 @@ class Setup:
     reward: Reward | None = None
     optimizers: dict[str, IterativePlanner] = field(default_factory=dict)
     distilled: DirectPlanner | None = None
+    evals: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def state_dim(self) -> int:
@@ -100,6 +104,7 @@ def load_setup(path: str | Path) -> Setup:
         folder = run / "optimizers" / objective
         if folder.exists():
             setup.optimizers[objective] = load_optimizer_folder(folder, S, A).eval()
+    setup.evals = read_evals(run / "metrics.jsonl")
     modules = [setup.agent, setup.dynamics, setup.reward, setup.distilled]
     for module in [*modules, *setup.optimizers.values()]:
         if module is not None:

@@ -12,6 +12,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -52,8 +53,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         tp, is_list = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         if tp is bool:
+            shown = f"{help_text} (default: {'on' if default else 'off'})"
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text, **meta
+                flag, action=argparse.BooleanOptionalAction, default=default, help=shown, **meta
             )
             continue
         kwargs: dict[str, Any] = {"type": tp, "default": default, "help": help_text, **meta}
@@ -123,29 +125,81 @@ class TrainOptions:
             horizon=self.horizon,
         )
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config.json") -> TrainOptions:
+        """Options from a saved config (unknown keys ignored), each value type-checked.
+
+        Raises:
+            UserError: A value of the wrong type (a string or list where a number belongs).
+        """
+        hints = typing.get_type_hints(cls)
+        known = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            value, kind = values[f.name], hints[f.name]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                raise UserError(f"corrupt {where}: {f.name} is {value!r}, not a {kind.__name__}")
+            known[f.name] = value
+        return cls(**known)
+
     def validate(self) -> None:
-        """Raise :class:`UserError` on values no run can use."""
-        positive = (
-            "steps",
-            "iters",
-            "samples",
-            "batch_size",
-            "buffer_size",
-            "checkpoint_interval",
-            "horizon",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                )
-        for name in ("warmup", "eval_interval", "eval_episodes"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0")
-        for name in ("beta", "lr", "gamma", "tau"):
-            if not math.isfinite(getattr(self, name)):
-                raise UserError(f"--{name} must be finite")
+        """Raise :class:`UserError` on values no run can use (ranges, device, output path)."""
+        bounds = {  # name: (lowest, highest) allowed
+            "steps": (1, 10**12), "iters": (1, MAX_ITERS), "samples": (1, 10**6),
+            "batch_size": (1, 10**7), "buffer_size": (1, 10**10),
+            "checkpoint_interval": (1, 10**12), "horizon": (1, MAX_HORIZON),
+            "log_interval": (1, 10**12), "seed": (0, 2**31 - 1), "warmup": (0, 10**12),
+            "eval_interval": (0, 10**12), "eval_episodes": (0, 10**6),
+            "model_warmup": (0, 10**9), "threads": (0, 4096),
+        }  # fmt: skip
+        for name, (lo, hi) in bounds.items():
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise UserError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {value}")
+        reals = {  # name: (test, description)
+            "beta": (lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+            "lr": (lambda v: 0 < v <= 1, "in (0, 1]"),
+            "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+            "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        }
+        for name, (ok, what) in reals.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and ok(value)):
+                raise UserError(f"--{name} must be {what}, got {value}")
         if self.agent not in AGENTS:
             raise UserError(f"unknown agent {self.agent!r}; choose from {', '.join(AGENTS)}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("--device cuda requested but CUDA is not available")
+        check_device(self.device)
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise UserError(f"--out {self.out} is a file, not a run folder")
+
+
+#: Upper bounds of the planning sizes: a rollout or a loop this long is a typo, not a setting.
+MAX_HORIZON = 1000
+MAX_ITERS = 100_000
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device named by ``--device`` if this machine can compute on it.
+
+    Raises:
+        UserError: Not a device name, or a device this machine lacks (cuda, mps) or that holds
+            no data (meta).
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r} is not a torch device (cpu or cuda)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} requested but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+        return dev
+    raise UserError(f"--device {device} is not supported: use cpu or cuda")

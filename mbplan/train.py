@@ -9,7 +9,9 @@ RNG state in safetensors, counters in JSON). ``resume`` continues from the newes
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -24,17 +26,79 @@ from mbplan.agent import Agent
 from mbplan.checkpoint import (
     agent_tensors,
     atomic_write_text,
+    check_env_spec,
+    check_replay,
+    check_rng,
+    completed_checkpoints,
+    find_checkpoint,
+    is_empty_folder,
     load_agent,
     load_checkpoint,
     restore_agent,
+    run_lock,
     save_checkpoint,
 )
 from mbplan.envs import check_env_matches, env_spec, make_env, render_frame, write_video
+from mbplan.errors import UserError
 from mbplan.fast.malloc import tune_malloc
 from mbplan.options import TrainOptions
 from mbplan.replay import ReplayBuffer
 
-__all__ = ["TrainOptions", "Trainer", "eval_checkpoint", "evaluate"]
+__all__ = [
+    "DivergenceError",
+    "TrainOptions",
+    "Trainer",
+    "check_memory",
+    "eval_checkpoint",
+    "evaluate",
+]
+
+
+class DivergenceError(UserError):
+    """Training produced a non-finite loss or weight (nothing was saved from that point on)."""
+
+
+def _newest_name(run_dir: Path) -> str:
+    done = completed_checkpoints(run_dir)
+    return done[-1].name if done else "none yet"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(opts: TrainOptions, S: int, A: int, available: int | None = None) -> None:
+    """Refuse sizes that cannot be allocated here, with the estimate, before anything runs.
+
+    Counts the replay buffer (B_max·(2S + A + 2) float32, once more while a checkpoint is
+    written) and one update's activations (K·B rows through E critics of width H, N + 1 times for
+    the iterative agent, a few copies for the backward pass).
+
+    Raises:
+        UserError: The estimate exceeds the available memory.
+    """
+    available = available_memory() if available is None else available
+    if available is None:
+        return
+    replay = 2 * opts.buffer_size * (2 * S + A + 2) * 4
+    rows = opts.samples * opts.batch_size * ((opts.iters + 1) if opts.agent == "iterative" else 1)
+    horizon = opts.horizon if opts.value == "model" else 1
+    update = 8 * rows * horizon * (2 * 2 * 256 + S + A) * 4
+    need = replay + update
+    if need > 0.9 * available:
+        raise UserError(
+            f"these sizes need about {need / 2**30:.1f} GiB (replay {replay / 2**30:.1f} GiB for "
+            f"--buffer-size {opts.buffer_size}, update {update / 2**30:.1f} GiB for --samples "
+            f"{opts.samples} × --batch-size {opts.batch_size}); {available / 2**30:.1f} GiB is "
+            "available"
+        )
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -97,16 +161,53 @@ class Trainer:
         on_checkpoint: Callable[[Path], None] | None = None,
     ):
         opts.validate()
+        self.opts, self.on_progress, self.on_checkpoint = opts, on_progress, on_checkpoint
+        self.run_dir = Path(opts.out)
+        self._lock: contextlib.AbstractContextManager | None = None
+        self._stop_requested = False
+        self._acquire()  # one writer per run folder, from here until run() ends or close()
+        try:
+            self._build(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _acquire(self) -> None:
+        if self._lock is None:
+            lock = run_lock(self.run_dir, "train")
+            lock.__enter__()
+            self._lock = lock
+
+    def close(self) -> None:
+        """Release the run folder's lock (run() does so when it returns)."""
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.__exit__(None, None, None)
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to write a checkpoint and return after the current env step.
+
+        Safe to call from a signal handler (it only sets a flag): the CLI calls it on SIGINT and
+        SIGTERM, so Ctrl-C never loses the steps since the last checkpoint.
+        """
+        self._stop_requested = True
+
+    def _build(self, resume: bool) -> None:
+        opts = self.opts
+        if not resume and not is_empty_folder(self.run_dir):
+            raise UserError(
+                f"{self.run_dir} already holds a run: continue it with "
+                f"`mbplan train --resume {self.run_dir}`, or pick another --out"
+            )
         tune_malloc()
         if opts.threads > 0:
             torch.set_num_threads(opts.threads)
-        self.opts, self.on_progress, self.on_checkpoint = opts, on_progress, on_checkpoint
-        self.run_dir = Path(opts.out)
         self.device = torch.device(opts.device)
         torch.manual_seed(opts.seed)
         self.env = make_env(opts.env, seed=opts.seed)
         self.eval_env = make_env(opts.env, seed=opts.seed + 1)
         self.spec = env_spec(self.env)
+        check_memory(opts, self.spec.state_dim, self.spec.action_dim)
         self.agent = Agent(self.spec.state_dim, self.spec.action_dim, opts.agent_config()).to(
             self.device
         )
@@ -121,7 +222,6 @@ class Trainer:
         if resume:
             self._resume()
         else:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             config = {**asdict(opts), "mbplan_version": mbplan.__version__}
             config["env_spec"] = asdict(self.spec)
             atomic_write_text(self.run_dir / "config.json", json.dumps(config, indent=1))
@@ -130,7 +230,16 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self) -> Path:
-        """Write a checkpoint of everything needed to continue."""
+        """Write a checkpoint of everything needed to continue (never one with non-finite weights).
+
+        Raises:
+            DivergenceError: A weight is NaN or infinite; the previous checkpoint is kept as it was.
+        """
+        if not self.agent.weights_finite():
+            raise DivergenceError(
+                f"training diverged at step {self.step}: non-finite weights; not saved, the last "
+                f"good checkpoint is kept ({_newest_name(self.run_dir)})"
+            )
         groups, optim_settings = agent_tensors(self.agent)
         groups["replay"] = self.buffer.state_dict()
         groups["rng"] = {
@@ -151,23 +260,43 @@ class Trainer:
 
     def _resume(self) -> None:
         groups, meta = load_checkpoint(self.run_dir)
-        check_env_matches(self.spec, meta["env_spec"])
+        where = f"checkpoint {find_checkpoint(self.run_dir)}"
+        check_env_matches(self.spec, check_env_spec(meta.get("env_spec"), where))
+        for group in ("replay", "rng"):
+            if group not in groups:
+                raise UserError(f"cannot resume: {where} has no {group}.safetensors")
+        counters = {k: meta.get(k) for k in ("step", "episode")}
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                   for v in counters.values()):  # fmt: skip
+            raise UserError(f"corrupt {where}: step/episode counters {counters}")
+        last_eval, seconds = meta.get("last_eval"), meta.get("train_seconds", 0.0)
+        if not (last_eval is None or isinstance(last_eval, (int, float))) or not isinstance(
+            seconds, (int, float)
+        ):
+            raise UserError(f"corrupt {where}: last_eval/train_seconds are not numbers")
         restore_agent(self.agent, groups, meta)
+        check_replay(groups["replay"], self.spec.state_dim, self.spec.action_dim)
+        check_rng(groups["rng"], ("generator", "cpu_generator", "torch"))
         self.buffer.load_state_dict(groups["replay"])
         self.generator.set_state(groups["rng"]["generator"])
         self.cpu_generator.set_state(groups["rng"]["cpu_generator"])
         torch.set_rng_state(groups["rng"]["torch"])
-        self.step, self.episode = int(meta["step"]), int(meta["episode"])
-        self.last_eval = meta.get("last_eval")
-        self.train_seconds = float(meta.get("train_seconds", 0.0))
+        self.step, self.episode = counters["step"], counters["episode"]
+        self.last_eval = None if last_eval is None else float(last_eval)
+        self.train_seconds = float(seconds)
         # Drop metric lines written after that checkpoint (the killed process's tail).
         path = self.run_dir / "metrics.jsonl"
         lines = path.read_text().splitlines() if path.exists() else []
         kept = [ln for ln in lines if (step := _step_of(ln)) is not None and step <= self.step]
         atomic_write_text(path, "".join(ln + "\n" for ln in kept))
         # config.json follows the resumed options (e.g. a new --steps)
-        config = json.loads((self.run_dir / "config.json").read_text())
-        config.update(asdict(self.opts))
+        try:
+            config = json.loads((self.run_dir / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        if not isinstance(config, dict):
+            config = {}
+        config.update(asdict(self.opts), env_spec=asdict(self.spec))
         atomic_write_text(self.run_dir / "config.json", json.dumps(config, indent=1))
 
     # -- logging -------------------------------------------------------------------------------
@@ -195,7 +324,7 @@ class Trainer:
         for _ in range(opts.model_warmup):
             batch = self.buffer.sample(opts.batch_size, self.cpu_generator).to(self.device)
             for k, v in agent.model_update(batch).items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+                totals[k] = totals.get(k, 0.0) + self._finite(k, v)
         n = max(opts.model_warmup, 1)
         self.log(
             {
@@ -205,9 +334,30 @@ class Trainer:
             }
         )
 
+    def _finite(self, name: str, value: torch.Tensor | float) -> float:
+        """``value`` as a float; :class:`DivergenceError` (nothing saved) if NaN or infinite."""
+        x = float(value)
+        if not math.isfinite(x):
+            raise DivergenceError(
+                f"training diverged at step {self.step}: {name} = {x}; stopped without saving, "
+                f"the last good checkpoint is kept ({_newest_name(self.run_dir)})"
+            )
+        return x
+
     # -- main loop -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Train until ``opts.steps`` env steps; returns a summary."""
+        """Train until ``opts.steps`` env steps (or :meth:`request_stop`); returns a summary.
+
+        Raises:
+            DivergenceError: A loss or weight became non-finite; the last good checkpoint is kept.
+        """
+        self._acquire()
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict[str, Any]:
         opts, agent = self.opts, self.agent
         obs, _ = self.env.reset(seed=opts.seed * 100_003 + self.episode)
         ep_return, ep_len = 0.0, 0
@@ -247,7 +397,7 @@ class Trainer:
             if self.step > opts.warmup:
                 batch = self.buffer.sample(opts.batch_size, self.cpu_generator).to(self.device)
                 for k, v in agent.update(batch, self.generator).items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    sums[k] = sums.get(k, 0.0) + self._finite(k, v)
                 n_updates += 1
                 if self.step % opts.log_interval == 0:
                     record = {k: v / n_updates for k, v in sums.items()}
@@ -270,7 +420,8 @@ class Trainer:
                         "train_seconds": self.train_seconds,
                     }
                 )
-            if self.step % opts.checkpoint_interval == 0 or self.step == opts.steps:
+            stop = self._stop_requested
+            if self.step % opts.checkpoint_interval == 0 or self.step == opts.steps or stop:
                 checkpoint = self.save()
                 if self.on_checkpoint is not None:
                     self.on_checkpoint(checkpoint)
@@ -278,6 +429,8 @@ class Trainer:
                 self.on_progress(
                     self.step, {"eval": self.last_eval, "updating": self.step > opts.warmup}
                 )
+            if stop:
+                break
         if self._wandb is not None:
             self._wandb.finish()
         elapsed = time.perf_counter() - start
@@ -287,6 +440,7 @@ class Trainer:
             "last_eval": self.last_eval,
             "seconds": elapsed,
             "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9),
+            "interrupted": self._stop_requested and self.step < opts.steps,
         }
 
 

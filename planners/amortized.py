@@ -141,6 +141,8 @@ def train_amortized(
     for step in range(steps):
         states = next(batches)
         loss, result = planner.loss(objective, states, generator=generator, n_iters=n_iters)
+        if not torch.isfinite(loss):
+            raise ValueError(f"training diverged at step {step}: loss = {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
