@@ -21,6 +21,7 @@ from mbplan.fast import fused_sac
 from mbplan.model_value import ModelValue
 from mbplan.models.critic import EnsembleQ
 from mbplan.models.dynamics import Dynamics, Reward
+from mbplan.models.ensemble import EnsembleDynamics, EnsembleReward
 from mbplan.models.flat import flatten_into, frozen_alias, views_intact
 from mbplan.objective import Objective, make_objective, pessimistic
 from mbplan.planners import AmortizedPlanner, DirectPlanner, make_planner
@@ -49,6 +50,10 @@ class AgentConfig:
             agent a direct network distilled from it as the rollouts' future policy).
         horizon: H of the model value.
         lam: Retrace λ_R of the model value.
+        ensemble: Members E of the dynamics and reward models (1 = one model each); the members
+            differ in initialisation and train on the same batches.
+        propagation: How Ĵ_MB rolls an ensemble out (``fixed`` or ``mean``).
+        kappa: Pessimism κ ≥ 0 on the members' disagreement in Ĵ_MB (0 = off).
     """
 
     agent: str = "direct"
@@ -63,6 +68,9 @@ class AgentConfig:
     value: str = "model-free"
     horizon: int = 2
     lam: float = 0.9
+    ensemble: int = 1
+    propagation: str = "fixed"
+    kappa: float = 0.0
 
 
 class Agent(nn.Module):
@@ -94,8 +102,13 @@ class Agent(nn.Module):
         self.reward: Reward | None = None
         self.distilled: DirectPlanner | None = None
         if config.value == "model":
-            self.dynamics = Dynamics(state_dim, action_dim, config.hidden)
-            self.reward = Reward(state_dim, action_dim, config.hidden)
+            if config.ensemble > 1:
+                E, H = config.ensemble, config.hidden
+                self.dynamics = EnsembleDynamics(state_dim, action_dim, E, H)
+                self.reward = EnsembleReward(state_dim, action_dim, E, H)
+            else:
+                self.dynamics = Dynamics(state_dim, action_dim, config.hidden)
+                self.reward = Reward(state_dim, action_dim, config.hidden)
             if config.agent == "iterative":
                 self.distilled = DirectPlanner(state_dim, action_dim, config.hidden)
         # One Adam over every trained parameter, all living in one flat buffer. The critic, planner
@@ -190,6 +203,8 @@ class Agent(nn.Module):
                 gamma=self.config.gamma,
                 lam=self.config.lam,
                 alpha=self.alpha,
+                propagation=self.config.propagation,
+                kappa=self.config.kappa,
             )
         return make_objective(
             q_fn,

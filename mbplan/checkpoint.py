@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from mbplan.agent import Agent
 from mbplan.errors import UserError
 from mbplan.models.dynamics import Dynamics, EulerSpec, Reward
+from mbplan.models.ensemble import EnsembleDynamics, EnsembleReward
 from mbplan.options import TrainOptions
 from mbplan.planners import DirectPlanner, IterativePlanner
 
@@ -93,7 +94,10 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict |
     cpu = {
         k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()
     }
-    save_file(cpu, str(path), metadata=metadata)
+    try:
+        save_file(cpu, str(path), metadata=metadata)
+    except SafetensorError as exc:  # an I/O error inside the writer, e.g. the disk is full
+        raise OSError(f"cannot write {path}: {str(exc).splitlines()[0]}") from None
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -171,15 +175,21 @@ def save_checkpoint(
     tmp = run_dir / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    digests = {}
-    for name, tensors in groups.items():
-        _save_tensors(tensors, tmp / f"{name}.safetensors")
-        digests[name] = file_digest(tmp / f"{name}.safetensors")
-    meta = {**meta, "step": step, "sha256": digests}
-    atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
-    _fsync_dir(tmp)
-    if final.exists():
+    try:
+        digests = {}
+        for name, tensors in groups.items():
+            _save_tensors(tensors, tmp / f"{name}.safetensors")
+            digests[name] = file_digest(tmp / f"{name}.safetensors")
+        meta = {**meta, "step": step, "sha256": digests}
+        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
+        _fsync_dir(tmp)
+    except BaseException:  # e.g. the disk is full: leave no partial checkpoint taking space
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.is_dir() and not final.is_symlink():
         shutil.rmtree(final)
+    elif final.exists() or final.is_symlink():  # a stray file under the checkpoint's name
+        final.unlink()
     os.replace(tmp, final)
     atomic_write_text(run_dir / LATEST, final.name + "\n")
     _fsync_dir(run_dir)
@@ -417,12 +427,13 @@ def load_agent(path: str | Path, device: str = "cpu") -> tuple[Agent, dict[str, 
     Returns:
         (agent, the run's config dict with an ``env_spec`` entry).
     """
-    groups, meta = load_checkpoint(path)
+    ckpt = find_checkpoint(path)  # resolved once: a fallback warns once
+    groups, meta = load_checkpoint(ckpt)
     config = meta.get("config")
     if not isinstance(config, dict):
-        raise UserError(f"corrupt checkpoint {find_checkpoint(path)}: no config")
-    spec = check_env_spec(meta.get("env_spec"), f"checkpoint {find_checkpoint(path)}")
-    opts = TrainOptions.from_dict(config, f"checkpoint {find_checkpoint(path)}")
+        raise UserError(f"corrupt checkpoint {ckpt}: no config")
+    spec = check_env_spec(meta.get("env_spec"), f"checkpoint {ckpt}")
+    opts = TrainOptions.from_dict(config, f"checkpoint {ckpt}")
     agent = Agent(spec["state_dim"], spec["action_dim"], opts.agent_config()).to(device)
     restore_agent(agent, groups, meta)
     return agent, {**config, "env_spec": spec}
@@ -507,6 +518,26 @@ def read_evals(path: str | Path) -> list[dict[str, Any]]:
     return evals
 
 
+def model_fit_horizon(path: str | Path) -> int | None:
+    """The open-loop horizon a model folder was checked for at fit time, if it records one.
+
+    That is ``fit-model --horizon``: the length of the held-out errors in its ``meta.json``.
+    None when the folder, its meta or the entry is missing or malformed.
+    """
+    path = Path(path)
+    for folder in (path, path.with_name(f".{path.name}.old")):
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+        fit = meta.get("fit") if isinstance(meta, dict) else None
+        horizon = fit.get("horizon") if isinstance(fit, dict) else None
+        if isinstance(horizon, int) and not isinstance(horizon, bool) and horizon >= 1:
+            return horizon
+        return None
+    return None
+
+
 # -- folders of weights.safetensors + meta.json (model/, optimizers/<objective>/) -----------------
 
 
@@ -516,9 +547,13 @@ def save_folder(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[s
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _save_tensors(tensors, tmp / "weights.safetensors")
-    meta = {**meta, "sha256": {"weights": file_digest(tmp / "weights.safetensors")}}
-    atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
+    try:
+        _save_tensors(tensors, tmp / "weights.safetensors")
+        meta = {**meta, "sha256": {"weights": file_digest(tmp / "weights.safetensors")}}
+        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
+    except BaseException:  # e.g. the disk is full: the old folder stays, no partial one is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
@@ -553,7 +588,9 @@ def has_folder(path: str | Path) -> bool:
 
 
 def model_tensors(
-    dynamics: Dynamics, reward: Reward, distilled: DirectPlanner | None = None
+    dynamics: Dynamics | EnsembleDynamics,
+    reward: Reward | EnsembleReward,
+    distilled: DirectPlanner | None = None,
 ) -> dict[str, torch.Tensor]:
     """The model folder's tensors: prefixed ``dynamics.``, ``reward.`` (and ``distilled.``)."""
     out = {f"dynamics.{k}": v for k, v in dynamics.state_dict().items()}
@@ -563,20 +600,31 @@ def model_tensors(
     return out
 
 
-def build_models(S: int, A: int, meta: dict[str, Any]) -> tuple[Dynamics, Reward]:
-    """Empty models with the sizes and layout recorded in a model folder's meta."""
+def build_models(
+    S: int, A: int, meta: dict[str, Any]
+) -> tuple[Dynamics | EnsembleDynamics, Reward | EnsembleReward]:
+    """Empty models with the sizes and layout recorded in a model folder's meta.
+
+    ``members`` > 1 builds an ensemble (:mod:`mbplan.models.ensemble`); absent or 1, one model.
+    """
+    members = meta.get("members", 1)
+    hidden = meta.get("hidden", 256)
+    for name, value in (("members", members), ("hidden", hidden)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:
+            raise UserError(f"corrupt model meta.json: {name} is {value!r}")
+    if members > 1:
+        return EnsembleDynamics(S, A, members, hidden), EnsembleReward(S, A, members, hidden)
     euler = None
     if meta.get("euler"):
         euler = EulerSpec(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["euler"].items()}
         )
-    hidden = int(meta.get("hidden", 256))
     return Dynamics(S, A, hidden, euler), Reward(S, A, hidden)
 
 
 def load_model_folder(
     path: str | Path, S: int, A: int
-) -> tuple[Dynamics, Reward, DirectPlanner | None]:
+) -> tuple[Dynamics | EnsembleDynamics, Reward | EnsembleReward, DirectPlanner | None]:
     """Dynamics, reward and (for an iterative run) the distilled future policy of ``RUN/model``."""
     tensors, meta = load_folder(path)
     dynamics, reward = build_models(S, A, meta)
@@ -623,7 +671,8 @@ def export_bundle(run: str | Path, out: str | Path) -> Path:
     ``metrics.jsonl`` (its training history, for ``mbplan viz training``).
     """
     run, out = Path(run), Path(out)
-    groups, meta = load_checkpoint(run)
+    ckpt = find_checkpoint(run)
+    groups, meta = load_checkpoint(ckpt)
     lean_meta = {k: v for k, v in meta.items() if k in ("config", "env_spec", "mbplan_version")}
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, int(meta["step"]), {"weights": groups["weights"]}, lean_meta, keep=1)
@@ -636,7 +685,7 @@ def export_bundle(run: str | Path, out: str | Path) -> Path:
         if (run / name).is_file():
             with atomic_path(out / name) as tmp:
                 shutil.copyfile(run / name, tmp)
-    source = {"run": str(run), "checkpoint": find_checkpoint(run).name}
+    source = {"run": str(run), "checkpoint": ckpt.name}
     atomic_write_text(out / "source.json", json.dumps(source, indent=1))
     return out
 

@@ -32,22 +32,34 @@ from mbplan.checkpoint import (
 from mbplan.envs import check_env_matches, env_spec, make_env, write_video
 from mbplan.errors import UserError
 from mbplan.fast.malloc import tune_malloc
-from mbplan.fit import distill_direct, fit_models, fit_optimizer, open_loop_errors, split_holdout
+from mbplan.fit import (
+    distill_direct,
+    ensemble_errors,
+    fit_models,
+    fit_optimizer,
+    keep_elites,
+    open_loop_errors,
+    split_holdout,
+)
 from mbplan.models.dynamics import Dynamics, Reward
+from mbplan.models.ensemble import EnsembleDynamics, EnsembleReward
 from mbplan.mpc import (
     MPC,
     PlanSettings,
+    check_kappa,
     check_trust,
     compile_option,
     init_option,
+    kappa_option,
     load_setup,
     model_free_objective,
     model_objective,
     planner_for,
+    propagation_option,
     trust_option,
 )
 from mbplan.options import MAX_HORIZON, MAX_ITERS, option
-from mbplan.planners import PLANNERS
+from mbplan.planners import PLANNERS, MPPIPlanner
 
 
 @dataclass
@@ -68,6 +80,10 @@ class FitModelOptions:
     distill_steps: int = option(
         500, "for an iterative run: steps distilling the direct future policy of the rollouts"
     )
+    ensemble: int = option(
+        5, "ensemble members E (one batched network, bootstrap data per member); 1 = one model"
+    )
+    elites: int = option(0, "keep the E' members with the lowest held-out error (0 = all E)")
 
 
 @dataclass
@@ -94,6 +110,8 @@ class FitOptimizerOptions:
         "256 states: 2000 steps ≈ 35 min; a progress bar shows the ETA)",
     )
     horizon: int = option(2, "rollout horizon H of the model objective")
+    propagation: str = propagation_option()
+    kappa: float = kappa_option()
     iters: int = option(5, "iterations N of the optimizer")
     samples: int = option(10, "samples K per state")
     batch_size: int = option(256, "replay states per step")
@@ -108,6 +126,8 @@ class PlanOptions:
 
     planner: str = option("iterative", "planner", choices=tuple(PLANNERS))
     horizon: int = option(5, "model rollout horizon H (any H >= 1)")
+    propagation: str = propagation_option()
+    kappa: float = kappa_option()
     checkpoint: str = option("", "run folder with a model (default: the bundled checkpoint)")
     env: str = option("", "env id (default: the run's)")
     episodes: int = option(1, "episodes")
@@ -119,6 +139,11 @@ class PlanOptions:
     trust: float = trust_option()
     compile: bool = compile_option()
     stochastic: bool = option(False, "act with a sample instead of tanh(μ)")
+    policy_samples: int = option(
+        MPPIPlanner.policy_samples,
+        "mppi: of its candidate sequences, how many are rolled out from the policy "
+        "(0 = the plain open-loop planner of the PETS family)",
+    )
     video: str = option("", "write the first episode as an MP4 here")
     save_plans: str = option("", "write every step's plans (safetensors) here")
     threads: int = option(
@@ -226,14 +251,28 @@ def check_fit_options(opts) -> None:
 def _fit_model(run, opts: FitModelOptions) -> None:
     if not 1 <= opts.hidden <= 65536 or opts.distill_steps < 0 or opts.horizon > MAX_HORIZON:
         raise UserError("--hidden must be in [1, 65536], --distill-steps >= 0, --horizon <= 1000")
+    if not 1 <= opts.ensemble <= 256:
+        raise UserError(f"--ensemble must be in [1, 256], got {opts.ensemble}")
+    if not 0 <= opts.elites <= opts.ensemble:
+        raise UserError(f"--elites must be in [0, --ensemble = {opts.ensemble}], got {opts.elites}")
     _threads(opts.threads)
     data = replay_transitions(run)
     train, held = split_holdout(data, opts.holdout)
     S, A = data["states"].shape[1], data["actions"].shape[1]
     torch.manual_seed(opts.seed)
-    dynamics, reward = Dynamics(S, A, opts.hidden), Reward(S, A, opts.hidden)
+    E = opts.ensemble
+    if E > 1:
+        dynamics, reward = (
+            EnsembleDynamics(S, A, E, opts.hidden),
+            EnsembleReward(S, A, E, opts.hidden),
+        )
+    else:
+        dynamics, reward = Dynamics(S, A, opts.hidden), Reward(S, A, opts.hidden)
     g = torch.Generator().manual_seed(opts.seed)
     log = fit_models(dynamics, reward, train, opts.steps, opts.batch_size, opts.lr, g)
+    elites = None
+    if E > 1 and 0 < opts.elites < E:
+        elites = keep_elites(dynamics, reward, held, opts.elites)
     errors = open_loop_errors(dynamics, reward, held, opts.horizon, generator=g)
     setup = load_setup(run)
     student, distill_kl = None, None
@@ -245,6 +284,9 @@ def _fit_model(run, opts: FitModelOptions) -> None:
     tensors = model_tensors(dynamics, reward, student)
     meta = {
         "hidden": opts.hidden,
+        "members": getattr(dynamics, "n_members", 1),
+        "elites_of": E if elites is not None else None,
+        "elite_members": elites,
         "euler": None,
         "fit": asdict(opts),
         "held_out_errors": errors,
@@ -284,6 +326,18 @@ def eval_model_cmd(opts: EvalModelOptions) -> None:
     g = torch.Generator().manual_seed(opts.seed)
     errors = open_loop_errors(setup.dynamics, setup.reward, held, opts.horizon, generator=g)
     _print_errors(errors, f"model of {run}")
+    if isinstance(setup.dynamics, EnsembleDynamics):
+        g = torch.Generator().manual_seed(opts.seed)
+        report = ensemble_errors(setup.dynamics, setup.reward, held, opts.horizon, generator=g)
+        E = setup.dynamics.n_members
+        print(f"ensemble of {E} members: open-loop state NRMSE per member and of the mean; rank")
+        print("correlation (Spearman) of the members' disagreement with the mean's actual error")
+        head = "".join(f"  member{e}" for e in range(E))
+        print(f"   h{head}      mean  disagreement~error")
+        for h in range(opts.horizon):
+            cells = "".join(f"  {report['member_state_nrmse'][e][h]:7.4f}" for e in range(E))
+            print(f"{h + 1:4d}{cells}  {report['mean_state_nrmse'][h]:8.4f}  "
+                  f"{report['disagreement_rank_corr'][h]:18.3f}")  # fmt: skip
 
 
 def fit_optimizer_cmd(opts: FitOptimizerOptions) -> None:
@@ -302,7 +356,13 @@ def _fit_optimizer(run, opts: FitOptimizerOptions) -> None:
     _threads(opts.threads)
     setup = load_setup(run)
     if opts.objective == "model":
-        objective, _ = model_objective(setup, opts.horizon, opts.samples)
+        objective, _ = model_objective(
+            setup,
+            opts.horizon,
+            opts.samples,
+            propagation=opts.propagation,
+            kappa=check_kappa(opts.kappa),
+        )
     else:
         objective = model_free_objective(setup, opts.samples)
     states = replay_transitions(run)["states"]
@@ -357,8 +417,15 @@ def plan_cmd(opts: PlanOptions) -> None:
             check_writable(path)
     _threads(opts.threads)
     setup = load_setup(run_or_default(opts.checkpoint))
-    objective, _ = model_objective(setup, opts.horizon, opts.samples or None)
-    planner = planner_for(setup, opts.planner, "model")
+    objective, _ = model_objective(
+        setup,
+        opts.horizon,
+        opts.samples or None,
+        propagation=opts.propagation,
+        kappa=check_kappa(opts.kappa),
+    )
+    mppi = {"policy_samples": opts.policy_samples} if opts.planner == "mppi" else {}
+    planner = planner_for(setup, opts.planner, "model", **mppi)
     env = make_env(opts.env or setup.config["env"], seed=opts.seed, render=bool(opts.video))
     check_env_matches(env_spec(env), setup.config["env_spec"])
     plans: list | None = [] if opts.save_plans else None
@@ -413,6 +480,8 @@ class TransferOptions:
         "", "run folder whose model-free optimizer is transferred (default: --checkpoint's)"
     )
     horizon: int = option(2, "model rollout horizon H")
+    propagation: str = propagation_option()
+    kappa: float = kappa_option()
     episodes: int = option(3, "episodes per policy (same seeds for all)")
     max_steps: int = option(0, "cap on steps per episode (0 = the env's time limit)")
     samples: int = option(0, "samples K per state (0 = 10)")
@@ -447,7 +516,13 @@ def transfer_cmd(opts: TransferOptions) -> None:
     if "model" in setup.optimizers:
         contenders["iterative (model-based)"] = setup.optimizers["model"]
     contenders["direct"] = setup.future_policy()
-    objective, _ = model_objective(setup, opts.horizon, opts.samples or None)
+    objective, _ = model_objective(
+        setup,
+        opts.horizon,
+        opts.samples or None,
+        propagation=opts.propagation,
+        kappa=check_kappa(opts.kappa),
+    )
     env = make_env(setup.config["env"], seed=opts.seed)
     check_env_matches(env_spec(env), setup.config["env_spec"])
     print(

@@ -16,6 +16,7 @@ from torch import Tensor
 from mbplan.agent import Agent
 from mbplan.distributions import kl_between
 from mbplan.models.dynamics import Dynamics, Reward
+from mbplan.models.ensemble import EnsembleDynamics, EnsembleReward, keep_members
 from mbplan.objective import Objective
 from mbplan.planners import DirectPlanner, IterativePlanner, train_amortized
 
@@ -64,9 +65,16 @@ def fit_models(
         params = [*dynamics.parameters(), *reward.parameters()]
         optimizer = torch.optim.Adam(params, lr=lr)
     n = s.shape[0]
+    E = getattr(dynamics, "n_members", 0)
+    if E:  # each member trains on its own bootstrap resample of the data (drawn once)
+        boot = torch.randint(0, n, (E, n), generator=generator)  # (E, n)
     log = []
     for _ in range(steps):
-        idx = torch.randint(0, n, (batch_size,), generator=generator)
+        if E:
+            pick = torch.randint(0, n, (E, batch_size), generator=generator)
+            idx = boot.gather(1, pick)  # (E, batch): per-member rows
+        else:
+            idx = torch.randint(0, n, (batch_size,), generator=generator)
         d_loss = dynamics.loss(s[idx], a[idx], s2[idx])
         r_loss = reward.loss(s[idx], a[idx], r[idx])
         if not (torch.isfinite(d_loss) and torch.isfinite(r_loss)):
@@ -88,6 +96,94 @@ def check_finite_weights(what: str, *modules: torch.nn.Module) -> None:
         for name, p in module.named_parameters():
             if not bool(torch.isfinite(p).all()):
                 raise ValueError(f"{what} diverged: {name} holds non-finite weights")
+
+
+@torch.no_grad()
+def member_errors(dynamics: EnsembleDynamics, reward: EnsembleReward, data: Transitions) -> Tensor:
+    """One-step held-out error of each member [E], the score elites are chosen by.
+
+    The state MSE in standardised delta units plus the standardised reward MSE.
+    """
+    s, a = data["states"], data["actions"]
+    ds = (dynamics.members(s, a) - data["next_states"]) / dynamics.delta_scale.std  # (E, N, S)
+    dr = (reward.members(s, a) - data["rewards"]) / reward.scale  # (E, N)
+    return ds.square().sum(-1).mean(-1) + dr.square().mean(-1)
+
+
+def keep_elites(
+    dynamics: EnsembleDynamics, reward: EnsembleReward, held: Transitions, n_elites: int
+) -> list[int]:
+    """Keep the ``n_elites`` members with the lowest held-out error (in place); their indices."""
+    order = member_errors(dynamics, reward, held).argsort()[:n_elites].sort().values.tolist()
+    keep_members(dynamics, order)
+    keep_members(reward, order)
+    return order
+
+
+def _ranks(x: Tensor) -> Tensor:
+    return x.argsort().argsort().to(torch.float64)
+
+
+def rank_correlation(x: Tensor, y: Tensor) -> float:
+    """Spearman's rank correlation of two [N] samples (no tie correction)."""
+    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = (rx.square().sum() * ry.square().sum()).sqrt()
+    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
+
+
+@torch.no_grad()
+def ensemble_errors(
+    dynamics: EnsembleDynamics,
+    reward: EnsembleReward,
+    data: Transitions,
+    horizon: int,
+    max_starts: int = 1000,
+    generator: torch.Generator | None = None,
+) -> dict[str, list]:
+    """Open-loop errors of each member and of their mean; how well disagreement predicts error.
+
+    Each member rolls out on its own; the mean rollout follows the members' mean. At every step
+    h, u_h = the members' disagreement (:meth:`EnsembleDynamics.disagreement`) at the mean
+    rollout's state, and the rank correlation (Spearman) of u_h with the mean's actual state
+    error over the held-out sequences says whether disagreement ranks errors well.
+
+    Returns:
+        ``member_state_nrmse[e][h]``, ``mean_state_nrmse[h]``, ``mean_reward_rmse[h]`` and
+        ``disagreement_rank_corr[h]`` for h = 1 … H.
+    """
+    starts = sequence_starts(data, horizon)
+    if starts.numel() == 0:
+        raise ValueError(f"no {horizon}-step sequences in the data")
+    if starts.numel() > max_starts:
+        starts = starts[torch.randperm(starts.numel(), generator=generator)[:max_starts]]
+    E = dynamics.n_members
+    std = data["states"].std(0).clamp_min(1e-6)
+    s_members = data["states"][starts].expand(E, -1, -1)  # (E, M, S)
+    s_mean = data["states"][starts]  # (M, S)
+    out: dict[str, list] = {
+        "member_state_nrmse": [[] for _ in range(E)],
+        "mean_state_nrmse": [],
+        "mean_reward_rmse": [],
+        "disagreement_rank_corr": [],
+    }
+    for h in range(horizon):
+        a = data["actions"][starts + h]  # (M, A)
+        truth = data["next_states"][starts + h]
+        s_members = dynamics.members(s_members, a.expand(E, -1, -1))  # each member its own path
+        preds = dynamics.members(s_mean, a)  # (E, M, S) from the mean path's state
+        r_hat = reward(s_mean, a)
+        u = dynamics.disagreement(preds)  # (M,)
+        s_mean = preds.mean(0)
+        err = ((s_mean - truth) / std).square().mean(-1).sqrt()  # (M,)
+        for e in range(E):
+            nrmse = ((s_members[e] - truth) / std).square().mean().sqrt()
+            out["member_state_nrmse"][e].append(float(nrmse))
+        out["mean_state_nrmse"].append(float(err.square().mean().sqrt()))
+        r_err = (r_hat - data["rewards"][starts + h]).square().mean().sqrt()
+        out["mean_reward_rmse"].append(float(r_err))
+        out["disagreement_rank_corr"].append(rank_correlation(u, err))
+    return out
 
 
 def sequence_starts(data: Transitions, horizon: int) -> Tensor:

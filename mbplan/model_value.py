@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from mbplan import fast
 from mbplan.distributions import TanhNormal, uniform_log_prob
 from mbplan.fast.fused_value import FusedRollout, RolloutSettings, fused_q
+from mbplan.models.ensemble import PROPAGATIONS, EnsembleDynamics, select_members
 from mbplan.models.retrace import retrace
 from mbplan.objective import pessimistic
 
@@ -49,8 +50,8 @@ class ModelValue:
     """Q̂_MB(s, a_0) by an H-step model rollout and Retrace (λ_R), usable as an objective's q_fn.
 
     Args:
-        dynamics: ŝ' = dynamics(s, a).
-        reward: r̂ = reward(s, a).
+        dynamics: ŝ' = dynamics(s, a), a single model or an ensemble.
+        reward: r̂ = reward(s, a), of the same kind.
         critic: Target critic ensemble, critic(s, a) → [E, ...].
         future_policy: s → λ (a :class:`TanhNormal`) for the actions after a_0.
         horizon: H ≥ 1.
@@ -65,7 +66,13 @@ class ModelValue:
             is changed in place. A change made through another tensor that aliases the weights
             (e.g. the flat buffer of :func:`mbplan.models.flat.flatten_into`) does not bump their
             version and is not seen: build a new ``ModelValue`` after such updates, as
-            :meth:`mbplan.agent.Agent.objective` does on every call.
+            :meth:`mbplan.agent.Agent.objective` does on every call. Ensembles always take the
+            plain path.
+        propagation: How an ensemble (:class:`~mbplan.models.ensemble.EnsembleDynamics`) is
+            rolled out: ``fixed`` (sample k follows member k mod E) or ``mean``. Ignored for a
+            single model.
+        kappa: MOPO-style pessimism κ ≥ 0: each step's reward becomes r̂_t − κ·u_t, u_t the
+            members' disagreement on s_{t+1}; it enters Retrace through δ_t. 0 for a single model.
     """
 
     def __init__(
@@ -80,9 +87,18 @@ class ModelValue:
         lam: float = 0.9,
         alpha: float | Tensor = 0.0,
         fused: bool = True,
+        propagation: str = "fixed",
+        kappa: float = 0.0,
     ):
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
+        if propagation not in PROPAGATIONS:
+            raise ValueError(
+                f"unknown propagation {propagation!r}; choose from {', '.join(PROPAGATIONS)}"
+            )
+        if not kappa >= 0:
+            raise ValueError(f"the pessimism weight κ must be >= 0, got {kappa}")
+        self.propagation, self.kappa = propagation, float(kappa)
         self.dynamics, self.reward, self.critic = dynamics, reward, critic
         self.future_policy = future_policy
         self.horizon, self.beta, self.gamma, self.lam = horizon, beta, gamma, lam
@@ -127,6 +143,20 @@ class ModelValue:
             self._fused_key = key
         return self.fused_rollout
 
+    def _model_step(self, s: Tensor, a: Tensor, K: int) -> tuple[Tensor, Tensor]:
+        """(r̂_t [N], ŝ_{t+1} [N, S]) of K·B rows; ensembles propagate and may pay κ·u."""
+        dyn, rew = self.dynamics, self.reward
+        if not isinstance(dyn, EnsembleDynamics):
+            return rew(s, a), dyn(s, a)
+        mode = self.propagation
+        if self.kappa == 0:
+            return rew.propagate(s, a, K, mode), dyn.propagate(s, a, K, mode)
+        # Pessimism needs every member's prediction: r̂ − κ·u, u = the members' disagreement
+        members = dyn.members(s, a)  # (E, N, S)
+        s_next = members.mean(0) if mode == "mean" else select_members(members, K)
+        r = rew.propagate(s, a, K, mode) - self.kappa * dyn.disagreement(members)
+        return r, s_next
+
     def __call__(
         self, states: Tensor, actions: Tensor, generator: torch.Generator | None = None
     ) -> Tensor:
@@ -144,8 +174,8 @@ class ModelValue:
         for _ in range(self.horizon):
             # Value, reward and next state of (s_t, a_t)
             qs.append(pessimistic(self.critic(s, a), self.beta))  # (K*B,)
-            rewards.append(self.reward(s, a))
-            s = self.dynamics(s, a)
+            r_t, s = self._model_step(s, a, K)
+            rewards.append(r_t)
             # Next action from the amortized future policy, with its KL term
             a, _, log_prob = self.future_policy(s).rsample_log_prob(1, generator)
             a, log_prob = a[0], log_prob[0]  # (K*B, A), (K*B,)

@@ -106,6 +106,13 @@ class TrainOptions:
     )
     horizon: int = option(2, "rollout horizon H of --value model")
     model_warmup: int = option(1000, "model-only updates after the random warm-up (--value model)")
+    ensemble: int = option(5, "--value model: dynamics/reward ensemble members E (1 = one model)")
+    propagation: str = option(
+        "fixed",
+        "--value model: ensemble rollouts (fixed: member k mod E; mean)",
+        choices=("fixed", "mean"),
+    )
+    kappa: float = option(0.0, "--value model: pessimism κ on the members' disagreement")
     wandb: bool = option(False, "log to Weights & Biases (offline unless WANDB_MODE says online)")
     compile: bool = option(
         True, "torch.compile the direct model-free update (one-off ~20 s; else no effect)"
@@ -123,6 +130,9 @@ class TrainOptions:
             lr=self.lr,
             value=self.value,
             horizon=self.horizon,
+            ensemble=self.ensemble if self.value == "model" else 1,
+            propagation=self.propagation,
+            kappa=self.kappa,
         )
 
     @classmethod
@@ -133,6 +143,7 @@ class TrainOptions:
             UserError: A value of the wrong type (a string or list where a number belongs).
         """
         hints = typing.get_type_hints(cls)
+        values = {"ensemble": 1, **values}  # runs saved before ensembles had one model
         known = {}
         for f in dataclasses.fields(cls):
             if f.name not in values:
@@ -153,7 +164,7 @@ class TrainOptions:
             "checkpoint_interval": (1, 10**12), "horizon": (1, MAX_HORIZON),
             "log_interval": (1, 10**12), "seed": (0, 2**31 - 1), "warmup": (0, 10**12),
             "eval_interval": (0, 10**12), "eval_episodes": (0, 10**6),
-            "model_warmup": (0, 10**9), "threads": (0, 4096),
+            "model_warmup": (0, 10**9), "threads": (0, 4096), "ensemble": (1, 256),
         }  # fmt: skip
         for name, (lo, hi) in bounds.items():
             value = getattr(self, name)
@@ -164,6 +175,7 @@ class TrainOptions:
             "lr": (lambda v: 0 < v <= 1, "in (0, 1]"),
             "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"),
             "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
+            "kappa": (lambda v: v >= 0, ">= 0 and finite"),
         }
         for name, (ok, what) in reals.items():
             value = getattr(self, name)

@@ -29,7 +29,48 @@ def test_plan_needs_a_model(tmp_path):
 
 def test_eval_model_prints_errors(run_with_model):
     out = ok(run_cli("eval-model", "--checkpoint", run_with_model, "--horizon", 2))
-    assert "reward_rmse" in out and len(out.strip().splitlines()) == 5
+    assert "reward_rmse" in out and "disagreement" in out  # the default model is an ensemble
+    rows = [ln.split() for ln in out.splitlines() if ln.split() and ln.split()[0] in ("1", "2")]
+    assert len(rows) == 4 and len(rows[-1]) == 1 + 5 + 2  # h, 5 members, mean, rank corr.
+
+
+def test_single_model_and_elites(run_with_model, tmp_path):
+    import json
+    import shutil
+
+    single = tmp_path / "single"
+    shutil.copytree(run_with_model, single)
+    ok(run_cli("fit-model", "--checkpoint", single, "--steps", 20, "--ensemble", 1))
+    meta = json.loads((single / "model" / "meta.json").read_text())
+    assert meta["members"] == 1
+    out = ok(run_cli("eval-model", "--checkpoint", single, "--horizon", 2))
+    assert "disagreement" not in out
+    ok(run_cli("fit-model", "--checkpoint", single, "--steps", 20, "--ensemble", 4,
+               "--elites", 2))  # fmt: skip
+    meta = json.loads((single / "model" / "meta.json").read_text())
+    assert meta["members"] == 2 and meta["elites_of"] == 4 and len(meta["elite_members"]) == 2
+    out = ok(run_cli("plan", "--checkpoint", single, "--planner", "adam", "--horizon", 2,
+                     "--max-steps", 2, "--iters", 2, "--samples", 4, "--propagation", "mean",
+                     "--kappa", "0.5"))  # fmt: skip
+    assert "ms/action" in out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["fit-model", "--ensemble", "0"],
+        ["fit-model", "--ensemble", "3", "--elites", "4"],
+        ["plan", "--kappa", "-1"],
+        ["plan", "--kappa", "nan"],
+        ["plan", "--propagation", "random"],
+    ],
+)
+def test_ensemble_bad_input(run_with_model, args):
+    one_line_error(
+        run_cli(*args, "--checkpoint", run_with_model, "--max-steps", 1)
+        if args[0] == "plan"
+        else run_cli(*args, "--checkpoint", run_with_model)
+    )
 
 
 @pytest.mark.parametrize("objective", ["model", "model-free"])

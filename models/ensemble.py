@@ -1,0 +1,224 @@
+"""Ensembles of dynamics and reward models, E members in one batched network (DESIGN.md §6).
+
+Every member is the single model's trunk (2 × H Linear → LayerNorm → LeakyReLU, zero-initialised
+head), with its own weights and LayerNorm affines; a forward pass over all members is one batched
+matmul per layer (:class:`~mbplan.models.critic.EnsembleLinear`), as the twin critics are built.
+Members differ in their initialisation and, when fitted with :func:`mbplan.fit.fit_models`, in
+the bootstrap resample of the data each one trains on (PETS: Chua et al., NeurIPS 2018; MBPO:
+Janner et al., NeurIPS 2019).
+
+Inside Ĵ_MB a rollout of K·B rows (row k·B + b = sample k of state b) uses the members in one of
+two ways (:data:`PROPAGATIONS`):
+
+* ``fixed`` (TS-∞): sample k follows member k mod E for its whole rollout. When E divides K, the
+  rows are regrouped so that each member sees K/E·B rows: the same matmuls as one model.
+* ``mean``: every row follows the members' mean prediction (E × the matmuls).
+
+Shapes: N rows · E members · S state dims · A action dims · H hidden width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from mbplan.models.critic import EnsembleLinear
+from mbplan.models.dynamics import _Standardize
+
+#: How a K·B-row rollout uses the members.
+PROPAGATIONS = ("fixed", "mean")
+
+
+class EnsembleLayerNorm(nn.Module):
+    """LayerNorm over the last dim with a separate affine per member: [E, N, H] → [E, N, H]."""
+
+    def __init__(self, n_members: int, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_members, 1, dim))
+        self.bias = nn.Parameter(torch.zeros(n_members, 1, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise each row of x [E, N, H], then scale and shift by the member's affine."""
+        x = nn.functional.layer_norm(x, x.shape[-1:], eps=self.eps)
+        return torch.addcmul(self.bias, x, self.weight)
+
+
+class EnsembleMLP(nn.Module):
+    """E MLPs of 2 hidden layers (Linear → LayerNorm → LeakyReLU) and a zero-initialised head."""
+
+    def __init__(self, n_members: int, in_dim: int, out_dim: int, hidden: int = 256):
+        super().__init__()
+        self.n_members = n_members
+        layers: list[nn.Module] = []
+        for width in (in_dim, hidden):
+            layers += [
+                EnsembleLinear(n_members, width, hidden, init_bound=1 / math.sqrt(width)),
+                EnsembleLayerNorm(n_members, hidden),
+                nn.LeakyReLU(inplace=True),
+            ]
+        head = EnsembleLinear(n_members, hidden, out_dim)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        self.net = nn.Sequential(*layers, head)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [E, N, in] (or [N, in], shared by all members) → [E, N, out]."""
+        return self.net(x)
+
+
+def member_rows(x: Tensor, n_members: int, groups: int) -> Tensor:
+    """Regroup K·B rows so member e gets the rows of samples k ≡ e (mod E): [N, D] → [E, N/E, D].
+
+    Requires E to divide K = ``groups``.
+    """
+    return rearrange(x, "(j e b) d -> e (j b) d", e=n_members, j=groups // n_members)
+
+
+def unmember_rows(y: Tensor, groups: int) -> Tensor:
+    """Inverse of :func:`member_rows`: [E, N/E, D] → [N, D]."""
+    E = y.shape[0]
+    return rearrange(y, "e (j b) d -> (j e b) d", j=groups // E)
+
+
+def select_members(all_members: Tensor, groups: int) -> Tensor:
+    """Row k·B + b of member k mod E from predictions of every member [E, N, D] → [N, D]."""
+    E, N = all_members.shape[:2]
+    B = N // groups
+    member = (torch.arange(N, device=all_members.device) // B) % E  # (N,)
+    return all_members[member, torch.arange(N, device=all_members.device)]
+
+
+class EnsembleDynamics(nn.Module):
+    """E deterministic dynamics members ŝ' = s + Δ_e(s, a), one batched network.
+
+    Input and output statistics are shared by the members (fitted on the same data). Called like
+    :class:`~mbplan.models.dynamics.Dynamics`, it returns the members' mean.
+
+    Args:
+        state_dim: S.
+        action_dim: A.
+        n_members: E ≥ 1.
+        hidden: Hidden width.
+    """
+
+    euler = None  # no semi-implicit Euler layout for ensembles
+
+    def __init__(self, state_dim: int, action_dim: int, n_members: int = 5, hidden: int = 256):
+        super().__init__()
+        if n_members < 1:
+            raise ValueError(f"an ensemble needs at least one member, got {n_members}")
+        self.state_dim, self.action_dim, self.n_members = state_dim, action_dim, n_members
+        self.inputs = _Standardize(state_dim + action_dim)
+        self.delta_scale = _Standardize(state_dim)
+        self.net = EnsembleMLP(n_members, state_dim + action_dim, state_dim, hidden)
+
+    def fit_normalizers(self, states: Tensor, actions: Tensor, next_states: Tensor) -> None:
+        """Set input and output statistics from real transitions [N, ·]."""
+        self.inputs.fit(torch.cat([states, actions], -1))
+        self.delta_scale.fit(next_states - states)
+        self.delta_scale.mean.zero_()  # the heads predict a zero delta at initialisation
+
+    def members(self, states: Tensor, actions: Tensor) -> Tensor:
+        """Every member's ŝ' for rows [N, S], [N, A] (or per-member rows [E, N, ·]): [E, N, S]."""
+        x = self.inputs(torch.cat([states, actions], -1))
+        return states + self.net(x) * self.delta_scale.std  # (E, N, S)
+
+    def forward(self, states: Tensor, actions: Tensor) -> Tensor:
+        """The members' mean ŝ' for states [N, S] and actions [N, A]; returns [N, S]."""
+        return self.members(states, actions).mean(0)
+
+    def propagate(self, states: Tensor, actions: Tensor, groups: int, mode: str) -> Tensor:
+        """ŝ' of K·B rollout rows (row k·B + b), K = ``groups``, by propagation ``mode``: [N, S]."""
+        if mode == "mean":
+            return self(states, actions)
+        if mode != "fixed":
+            raise ValueError(f"unknown propagation {mode!r}; choose from {', '.join(PROPAGATIONS)}")
+        E = self.n_members
+        if groups % E == 0:  # each member gets K/E·B rows: the matmuls of one model
+            s = member_rows(states, E, groups)  # (E, N/E, S)
+            return unmember_rows(self.members(s, member_rows(actions, E, groups)), groups)
+        return select_members(self.members(states, actions), groups)
+
+    def disagreement(self, predictions: Tensor) -> Tensor:
+        """u = ‖std over members of ŝ'‖₂ in standardised delta units, from [E, N, S]: [N]."""
+        if predictions.shape[0] < 2:
+            return predictions.new_zeros(predictions.shape[1])
+        return (predictions.std(0) / self.delta_scale.std).norm(dim=-1)
+
+    def loss(self, states: Tensor, actions: Tensor, next_states: Tensor) -> Tensor:
+        """Sum over members of each member's mean squared error in standardised delta units.
+
+        Rows may be shared [N, ·] or per member [E, N, ·] (bootstrap batches).
+        """
+        error = (self.members(states, actions) - next_states) / self.delta_scale.std
+        return error.square().sum(-1).mean(-1).sum()
+
+
+class EnsembleReward(nn.Module):
+    """E reward members r̂_e(s, a), each with its own learned constant log σ_r (mean used).
+
+    Args:
+        state_dim: S.
+        action_dim: A.
+        n_members: E ≥ 1.
+        hidden: Hidden width.
+    """
+
+    def __init__(self, state_dim: int, action_dim: int, n_members: int = 5, hidden: int = 256):
+        super().__init__()
+        if n_members < 1:
+            raise ValueError(f"an ensemble needs at least one member, got {n_members}")
+        self.n_members = n_members
+        self.inputs = _Standardize(state_dim + action_dim)
+        self.net = EnsembleMLP(n_members, state_dim + action_dim, 1, hidden)
+        self.log_scale = nn.Parameter(torch.zeros(n_members, 1))
+        self.register_buffer("offset", torch.zeros(()))
+        self.register_buffer("scale", torch.ones(()))
+
+    def fit_normalizers(self, states: Tensor, actions: Tensor, rewards: Tensor) -> None:
+        """Set input and reward statistics from real transitions."""
+        self.inputs.fit(torch.cat([states, actions], -1))
+        self.offset.copy_(rewards.mean())
+        self.scale.copy_(rewards.std().clamp_min(1e-3))
+
+    def members(self, states: Tensor, actions: Tensor) -> Tensor:
+        """Every member's mean reward for rows [N, ·] (or [E, N, ·]): [E, N]."""
+        x = self.inputs(torch.cat([states, actions], -1))
+        return self.net(x).squeeze(-1) * self.scale + self.offset
+
+    def forward(self, states: Tensor, actions: Tensor) -> Tensor:
+        """The members' mean reward for [N, S], [N, A]; returns [N]."""
+        return self.members(states, actions).mean(0)
+
+    def propagate(self, states: Tensor, actions: Tensor, groups: int, mode: str) -> Tensor:
+        """r̂ of K·B rollout rows by propagation ``mode`` (as :meth:`EnsembleDynamics.propagate`)."""
+        if mode == "mean":
+            return self(states, actions)
+        if mode != "fixed":
+            raise ValueError(f"unknown propagation {mode!r}; choose from {', '.join(PROPAGATIONS)}")
+        E = self.n_members
+        if groups % E == 0:
+            r = self.members(member_rows(states, E, groups), member_rows(actions, E, groups))
+            return unmember_rows(r.unsqueeze(-1), groups).squeeze(-1)
+        return select_members(self.members(states, actions).unsqueeze(-1), groups).squeeze(-1)
+
+    def loss(self, states: Tensor, actions: Tensor, rewards: Tensor) -> Tensor:
+        """Sum over members of the Gaussian NLL (standardised rewards, each member's log σ_r)."""
+        z = (rewards - self.members(states, actions)) / self.scale  # (E, N)
+        nll = 0.5 * z.square() * torch.exp(-2 * self.log_scale) + self.log_scale
+        return (nll.mean(-1) + 0.5 * math.log(2 * math.pi)).sum()
+
+
+def keep_members(module: EnsembleDynamics | EnsembleReward, keep: list[int]) -> None:
+    """Keep only members ``keep`` (e.g. the elites), in that order, in place."""
+    index = torch.as_tensor(keep, dtype=torch.long)
+    with torch.no_grad():
+        for p in list(module.parameters()):
+            if p.shape[0] == module.n_members:  # every per-member parameter leads with E
+                p.data = p.data.index_select(0, index).clone()
+    module.n_members = len(keep)
+    module.net.n_members = len(keep)
