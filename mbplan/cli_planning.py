@@ -226,9 +226,23 @@ def export_cmd(opts: ExportOptions) -> None:
     print(f"planning bundle written to {out} ({size / 1e6:.1f} MB)")
 
 
+def _run_to_write(path: str) -> Path:
+    """``--checkpoint`` of a command that saves into the run: the run folder, not a checkpoint.
+
+    A fit saved inside ``RUN/ckpt-<step>`` would be deleted with it by the checkpoint rotation.
+    """
+    run = require_run(path)
+    if (run / "meta.json").is_file():
+        raise UserError(
+            f"--checkpoint {path} is a single checkpoint: give its run folder ({run.parent}), "
+            "where the fit is saved"
+        )
+    return run
+
+
 def fit_model_cmd(opts: FitModelOptions) -> None:
     """Fit dynamics and reward on a run's replay; save ``RUN/model``; print open-loop errors."""
-    run = require_run(opts.checkpoint)
+    run = _run_to_write(opts.checkpoint)
     if opts.steps < 1 or opts.horizon < 1 or not 0 < opts.holdout < 1:
         raise UserError("--steps and --horizon must be >= 1 and 0 < --holdout < 1")
     check_fit_options(opts)
@@ -342,7 +356,7 @@ def eval_model_cmd(opts: EvalModelOptions) -> None:
 
 def fit_optimizer_cmd(opts: FitOptimizerOptions) -> None:
     """Train an iterative optimizer on a run's frozen objective; save ``RUN/optimizers/<obj>``."""
-    run = require_run(opts.checkpoint)
+    run = _run_to_write(opts.checkpoint)
     if min(opts.steps, opts.iters, opts.samples, opts.batch_size, opts.horizon) < 1:
         raise UserError("--steps, --iters, --samples, --batch-size and --horizon must be >= 1")
     if opts.horizon > MAX_HORIZON or opts.iters > 1000 or opts.samples > 10**5:
@@ -436,13 +450,13 @@ def plan_cmd(opts: PlanOptions) -> None:
             f"note: --compile compiles the iterative planner's plan ({why}); planning uncompiled",
             file=sys.stderr,
         )
+    settings = PlanSettings(opts.iters or None, opts.init, trust, opts.stochastic, opts.compile)
+    mpc = MPC(setup, planner, objective, settings, opts.seed)  # its warnings before the bar
     limit = opts.max_steps or env_spec(env).max_episode_steps or 1000
     bar = tqdm(
         total=opts.episodes * limit, unit="step", desc=f"plan {opts.planner}", mininterval=1.0
     )
     try:
-        settings = PlanSettings(opts.iters or None, opts.init, trust, opts.stochastic, opts.compile)
-        mpc = MPC(setup, planner, objective, settings, opts.seed)
         stats = mpc.run(
             env, opts.episodes, opts.max_steps or None, lambda ep, t: bar.update(1), plans, frames
         )

@@ -143,8 +143,12 @@ class ModelValue:
             self._fused_key = key
         return self.fused_rollout
 
-    def _model_step(self, s: Tensor, a: Tensor, K: int) -> tuple[Tensor, Tensor]:
-        """(r̂_t [N], ŝ_{t+1} [N, S]) of K·B rows; ensembles propagate and may pay κ·u."""
+    def model_step(self, s: Tensor, a: Tensor, K: int) -> tuple[Tensor, Tensor]:
+        """(r̂_t [N], ŝ_{t+1} [N, S]) of K·B rows (row k·B + b = sample k of state b).
+
+        A single model predicts each row; an ensemble propagates as ``propagation`` says and,
+        with κ > 0, pays κ·u in the reward. Sequence planners (``mppi``) score candidates with it.
+        """
         dyn, rew = self.dynamics, self.reward
         if not isinstance(dyn, EnsembleDynamics):
             return rew(s, a), dyn(s, a)
@@ -174,7 +178,7 @@ class ModelValue:
         for _ in range(self.horizon):
             # Value, reward and next state of (s_t, a_t)
             qs.append(pessimistic(self.critic(s, a), self.beta))  # (K*B,)
-            r_t, s = self._model_step(s, a, K)
+            r_t, s = self.model_step(s, a, K)
             rewards.append(r_t)
             # Next action from the amortized future policy, with its KL term
             a, _, log_prob = self.future_policy(s).rsample_log_prob(1, generator)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from mbplan.checkpoint import (
     load_agent,
     load_model_folder,
     load_optimizer_folder,
+    model_fit_horizon,
     read_evals,
 )
 from mbplan.distributions import TanhNormal
@@ -36,9 +38,18 @@ from mbplan.errors import UserError
 from mbplan.fast.fast_plan import FastIterativePlan
 from mbplan.model_value import ModelValue
 from mbplan.models.dynamics import Dynamics, Reward
+from mbplan.models.ensemble import PROPAGATIONS
 from mbplan.objective import AnchoredObjective, Objective, make_objective
 from mbplan.options import option
-from mbplan.planners import DirectPlanner, IterativePlanner, Planner, PlanResult, make_planner
+from mbplan.planners import (
+    DirectPlanner,
+    IterativePlanner,
+    MPPIPlanner,
+    Planner,
+    PlanResult,
+    make_planner,
+    shift_sequence,
+)
 
 # -- the pieces of a planning setup ---------------------------------------------------------------
 
@@ -56,6 +67,9 @@ class Setup:
         distilled: A direct network distilled from an iterative agent by ``fit-model``.
         evals: The run's evaluation lines of ``metrics.jsonl`` (its policy's returns), oldest
             first.
+        model_horizon: The horizon the model was checked for: ``fit-model --horizon`` of a fitted
+            model folder (its held-out open-loop errors), else the rollout horizon of a
+            ``--value model`` run; None when not recorded.
     """
 
     agent: Agent
@@ -65,6 +79,7 @@ class Setup:
     optimizers: dict[str, IterativePlanner] = field(default_factory=dict)
     distilled: DirectPlanner | None = None
     evals: list[dict[str, Any]] = field(default_factory=list)
+    model_horizon: int | None = None
 
     @property
     def state_dim(self) -> int:
@@ -97,9 +112,11 @@ def load_setup(path: str | Path) -> Setup:
     S, A = setup.state_dim, setup.action_dim
     if agent.dynamics is not None:  # trained with --value model: the agent's own models
         setup.dynamics, setup.reward = agent.dynamics, agent.reward
+        setup.model_horizon = agent.config.horizon
     if has_folder(run / "model"):  # fitted afterwards: preferred
         dynamics, reward, setup.distilled = load_model_folder(run / "model", S, A)
         setup.dynamics, setup.reward = dynamics.eval(), reward.eval()
+        setup.model_horizon = model_fit_horizon(run / "model")
     for objective in OBJECTIVES:
         folder = run / "optimizers" / objective
         if folder.exists():
@@ -147,6 +164,32 @@ def trust_option() -> float:
     )
 
 
+def propagation_option() -> str:
+    """The ``--propagation`` field of the commands that plan on Ĵ_MB."""
+    return option(
+        "fixed",
+        "ensemble models: fixed = sample k follows member k mod E for its whole rollout (TS-∞), "
+        "mean = the members' mean",
+        choices=PROPAGATIONS,
+    )
+
+
+def kappa_option() -> float:
+    """The ``--kappa`` field of the commands that plan on Ĵ_MB."""
+    return option(
+        0.0,
+        "ensemble models: pessimism κ, each model step's reward becomes r̂ − κ·u with u the "
+        "members' disagreement on the next state (MOPO-style; 0 = off)",
+    )
+
+
+def check_kappa(kappa: float) -> float:
+    """κ: finite and >= 0."""
+    if not (math.isfinite(kappa) and kappa >= 0):
+        raise UserError(f"--kappa must be a finite number >= 0, got {kappa}")
+    return kappa
+
+
 def compile_option() -> bool:
     """The ``--compile`` field of the commands that plan with the iterative optimizer."""
     return option(
@@ -165,9 +208,18 @@ def model_free_objective(setup: Setup, samples: int | None = None) -> Objective:
 
 
 def model_objective(
-    setup: Setup, horizon: int, samples: int | None = None, lam: float = 0.9
+    setup: Setup,
+    horizon: int,
+    samples: int | None = None,
+    lam: float = 0.9,
+    propagation: str = "fixed",
+    kappa: float = 0.0,
 ) -> tuple[Objective, ModelValue]:
-    """Ĵ_MB: H-step rollouts through the run's model, Retrace over its target critics."""
+    """Ĵ_MB: H-step rollouts through the run's model, Retrace over its target critics.
+
+    ``propagation`` and ``kappa`` apply to an ensemble model (see
+    :class:`~mbplan.model_value.ModelValue`); a single model ignores them.
+    """
     if setup.dynamics is None or setup.reward is None:
         raise UserError("this run has no model: fit one with `mbplan fit-model --checkpoint RUN`")
     if horizon < 1:
@@ -183,6 +235,8 @@ def model_objective(
         gamma=cfg.gamma,
         lam=lam,
         alpha=setup.agent.alpha,
+        propagation=propagation,
+        kappa=kappa,
     )
     objective = make_objective(
         value,
@@ -194,8 +248,11 @@ def model_objective(
     return objective, value
 
 
-def planner_for(setup: Setup, name: str, objective_kind: str) -> Planner:
-    """The planner to act with: the run's direct policy, a fitted iterative optimizer, adam, cem."""
+def planner_for(setup: Setup, name: str, objective_kind: str, **hyperparameters: Any) -> Planner:
+    """The planner to act with: the direct policy, a fitted iterative optimizer, adam, cem, mppi.
+
+    ``hyperparameters`` go to the last three (e.g. ``policy_samples`` of mppi).
+    """
     if name == "direct":
         return setup.future_policy()
     if name == "iterative":
@@ -209,7 +266,7 @@ def planner_for(setup: Setup, name: str, objective_kind: str) -> Planner:
             "`mbplan fit-optimizer --checkpoint RUN --objective model`"
         )
     try:
-        return make_planner(name)
+        return make_planner(name, **hyperparameters)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
@@ -300,10 +357,22 @@ class MPC:
         self.compile_seconds = 0.0
         self._compiled: FastIterativePlan | None = None
         self._prev: TanhNormal | None = None
+        # Sequence planners (mppi): the previous plan's mean sequence, shifted by one step
+        self._warm: Tensor | None = None
+        if isinstance(planner, MPPIPlanner) and self.value is not None:
+            fitted = setup.model_horizon
+            if fitted is not None and self.value.horizon > fitted:
+                warnings.warn(
+                    f"mppi plans open-loop over H = {self.value.horizon} model steps, longer than "
+                    f"the {fitted} steps the model was checked for at fit time: its predictions "
+                    "past that are unchecked",
+                    stacklevel=2,
+                )
 
     def reset(self) -> None:
-        """Forget the previous step's λ (call at the start of an episode)."""
+        """Forget the previous step's λ and sequence (call at the start of an episode)."""
         self._prev = None
+        self._warm = None
 
     def act(self, state: Tensor) -> tuple[np.ndarray, PlanResult]:
         """Plan at one real state [S] (or [1, S]) and return (action in (−1, 1)^A, the plan)."""
@@ -319,13 +388,20 @@ class MPC:
                 init = proposal
             if cfg.trust > 0:
                 target = AnchoredObjective(self.objective, proposal, cfg.trust)
+        # Sequence planners (mppi): steps 1… start at the shifted previous mean sequence, and with
+        # init="previous" step 0 too (its second step); init="prior" starts afresh
+        extra = {}
+        if self._warm is not None and cfg.init != "prior":
+            extra["warm"] = self._warm
+            init = None if cfg.init == "previous" else init
         recording = self.value is not None and self.value.record is not None
         if self._compiled is not None and not recording and fast.enabled():
             result = self._compiled.plan(target, state, init, cfg.iters, self.generator)
         else:
             result = self.planner.plan(
-                target, state, init, cfg.iters, self.generator, record_objective=False
+                target, state, init, cfg.iters, self.generator, record_objective=False, **extra
             )
+        self._warm = None if result.warm is None else shift_sequence(result.warm)
         dist = result.dist
         action = dist.rsample(1, self.generator)[0][0] if cfg.stochastic else dist.mode()
         self._prev = TanhNormal(dist.loc, dist.log_scale) if cfg.init == "previous" else None

@@ -79,13 +79,18 @@ class Objective:
     ) -> ObjectiveValue:
         """Evaluate Ĵ at λ = ``dist`` for states [B, S] with ``n_samples`` (default K) samples."""
         actions, pre_tanh, log_prob = dist.rsample_log_prob(n_samples or self.n_samples, generator)
-        if self._q_takes_generator:
-            q = self.q_fn(states, actions, generator=generator)  # (K, B)
-        else:
-            q = self.q_fn(states, actions)  # (K, B)
+        q = self.q(states, actions, generator)  # (K, B)
         kl = (log_prob - uniform_log_prob(actions.shape[-1])).mean(0)  # (B,) MC KL̂ to uniform
         alpha = self.alpha.detach() if isinstance(self.alpha, Tensor) else self.alpha
         return ObjectiveValue(q.mean(0) - alpha * kl, q, kl, actions, pre_tanh)
+
+    def q(
+        self, states: Tensor, actions: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``q_fn`` on given actions [K, B, A] at states [B, S] → [K, B], with the generator."""
+        if self._q_takes_generator:
+            return self.q_fn(states, actions, generator=generator)
+        return self.q_fn(states, actions)
 
 
 def _takes_generator(fn: Callable) -> bool:

@@ -15,6 +15,7 @@ from mbplan.planners.base import Planner, PlanResult, PlanTrace, StepOutput
 from mbplan.planners.cem import CEMPlanner
 from mbplan.planners.direct import DirectPlanner
 from mbplan.planners.iterative import IterativePlanner
+from mbplan.planners.mppi import MPPIPlanner, shift_sequence
 
 #: Registry: planner name → class.
 PLANNERS: dict[str, type[Planner]] = {
@@ -22,6 +23,7 @@ PLANNERS: dict[str, type[Planner]] = {
     "iterative": IterativePlanner,
     "adam": AdamPlanner,
     "cem": CEMPlanner,
+    "mppi": MPPIPlanner,
 }
 
 
@@ -35,7 +37,7 @@ def make_planner(
     """Build a registered planner.
 
     Args:
-        name: One of :data:`PLANNERS` (``direct``, ``iterative``, ``adam``, ``cem``).
+        name: One of :data:`PLANNERS` (``direct``, ``iterative``, ``adam``, ``cem``, ``mppi``).
         state_dim: S; required by the amortized planners (which have networks), ignored by others.
         action_dim: A; required by the amortized planners, ignored by others.
         **hyperparameters: The planner's own settings (e.g. ``lr=3e-2`` for adam).
@@ -61,11 +63,13 @@ __all__ = [
     "DirectPlanner",
     "IterativePlanner",
     "LogScaleBounds",
+    "MPPIPlanner",
     "PlanResult",
     "PlanTrace",
     "Planner",
     "StepOutput",
     "TrainLog",
     "make_planner",
+    "shift_sequence",
     "train_amortized",
 ]

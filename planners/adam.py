@@ -38,7 +38,9 @@ class AdamPlanner(Planner):
         """I when the caller gives none."""
         return self.n_iters
 
-    def init_carry(self, objective: Objective, states: Tensor, dist: TanhNormal) -> Any:
+    def init_carry(
+        self, objective: Objective, states: Tensor, dist: TanhNormal, warm: Any = None
+    ) -> Any:
         """Zero first and second moments for (μ, log σ) and step count 0."""
         params = torch.cat([dist.loc, dist.log_scale], -1)  # (B, 2A)
         return torch.zeros_like(params), torch.zeros_like(params), 0

@@ -58,11 +58,15 @@ class PlanResult:
         dist: The final λ_I (``loc`` and ``log_scale`` [B, A]).
         trace: The per-iterate :class:`PlanTrace`.
         final: The objective evaluation at λ_I (samples, per-sample Q, KL), when recorded.
+        warm: What the plan leaves to warm-start the next one (``mppi``: its final mean action
+            sequence in pre-tanh space, [H, B, A], to be shifted by one step with
+            :func:`mbplan.planners.mppi.shift_sequence`); None for planners without one.
     """
 
     dist: TanhNormal
     trace: PlanTrace
     final: ObjectiveValue | None = None
+    warm: Any = None
 
     def improvement(self) -> Tensor:
         """Ĵ(λ_I) − Ĵ(λ_0) per state, [B]."""
@@ -99,10 +103,18 @@ class Planner:
 
     name: ClassVar[str] = "planner"
     default_iters: ClassVar[int] = 1
+    #: Whether :meth:`plan` accepts a ``warm`` start beyond λ_0 (sequence planners).
+    takes_warm: ClassVar[bool] = False
 
     # -- hooks -------------------------------------------------------------------------------
-    def init_carry(self, objective: Objective, states: Tensor, dist: TanhNormal) -> Any:
-        """Planner state before the first step (default: none)."""
+    def init_carry(
+        self, objective: Objective, states: Tensor, dist: TanhNormal, warm: Any = None
+    ) -> Any:
+        """Planner state before the first step (default: none); ``warm`` as given to plan()."""
+        return None
+
+    def warm_start(self, carry: Any) -> Any:
+        """What the final carry leaves to warm-start the next plan (default: nothing)."""
         return None
 
     def step(
@@ -132,6 +144,7 @@ class Planner:
         *,
         differentiable: bool = False,
         record_objective: bool = True,
+        warm: Any = None,
     ) -> PlanResult:
         """Optimize λ per state for ``n_iters`` iterations against ``objective``.
 
@@ -139,27 +152,32 @@ class Planner:
             objective: Ĵ(s, λ), e.g. from :func:`mbplan.make_objective`.
             states: [B, S] finite states.
             init: λ to warm-start from, [B, A] each; default λ_0 = (μ = 0, σ = 0.5).
-            n_iters: I; default the planner's own (iterative 5, direct 1, adam 250, cem 10).
+            n_iters: I; default the planner's own (iterative 5, direct 1, adam 250, cem 10, mppi 6).
             generator: Source of all sampling noise; the same seed gives the same result on CPU.
             differentiable: Keep the autograd graph from the planner's weights to the trace
                 (used by :func:`mbplan.planners.train_amortized`); off for planning. The loss
                 needs no Ĵ(λ_0), so it is not evaluated for the record in this mode.
             record_objective: Evaluate Ĵ at iterates whose step did not (the final one, and all
                 of ``direct``). Off when acting fast: those entries of the trace are then NaN.
+            warm: A planner-specific warm start beyond λ_0 (``mppi``: a mean action sequence,
+                see :class:`~mbplan.planners.mppi.MPPIPlanner`); planners without one reject it.
 
         Returns:
-            :class:`PlanResult` with the final λ and the trace.
+            :class:`PlanResult` with the final λ, the trace and what warm-starts the next plan.
 
         Raises:
-            ValueError: States of the wrong width or not finite, a bad ``init`` or ``n_iters``.
+            ValueError: States of the wrong width or not finite, a bad ``init``, ``n_iters`` or
+                ``warm``.
         """
         n_iters = self.default_iters if n_iters is None else n_iters
         if n_iters < 1:
             raise ValueError(f"n_iters must be >= 1, got {n_iters}")
+        if warm is not None and not self.takes_warm:
+            raise ValueError(f"planner {self.name!r} takes no warm start beyond init")
         dist = self._check_inputs(objective, states, init)
 
         start = time.perf_counter()
-        carry = self.init_carry(objective, states, dist)
+        carry = self.init_carry(objective, states, dist, warm)
         dists, values, n_evals, elapsed = [dist], [], [0.0], [0.0]
         for _ in range(n_iters):
             out = self.step(objective, states, dist, carry, generator, differentiable)
@@ -193,7 +211,7 @@ class Planner:
             n_evals=torch.tensor(n_evals),
             elapsed=torch.tensor(elapsed),
         )
-        return PlanResult(dist, trace, final)
+        return PlanResult(dist, trace, final, self.warm_start(carry))
 
     def _check_inputs(
         self, objective: Objective, states: Tensor, init: TanhNormal | None

@@ -60,7 +60,12 @@ from mbplan.report import (
     write_csv,
 )
 
-PLANNER_NAMES = ("iterative", "adam", "cem", "direct")
+PLANNER_NAMES = ("iterative", "adam", "cem", "direct", "mppi")
+#: Run unless ``--planners`` says otherwise. mppi rolls ~500 sequences per state out through the
+#: model every iteration (~50 evaluations of K = 10; 3–6 s per iteration on the default's 100
+#: states, one thread), so the default budget of 250 iterations would add 15–25 min: ask for it
+#: with ``--planners iterative mppi --iters 6`` (its own default; ~30 s).
+DEFAULT_PLANNERS = ("iterative", "adam", "cem", "direct")
 #: Baselines run at a fixed and at a tuned step size.
 TUNED_PLANNERS = ("adam", "cem")
 COLUMNS = ("planner", "setting", "lr", "iteration", "n_evals", "seconds", "objective")
@@ -91,7 +96,7 @@ class PlannersOptions(CommonOptions):
         None,
         "planners to compare (iterative is the reference)",
         choices=PLANNER_NAMES,
-        default_factory=lambda: list(PLANNER_NAMES),
+        default_factory=lambda: list(DEFAULT_PLANNERS),
     )
     adam_lr: float = option(1e-2, "Adam step size of the fixed row (reference 1e-2)")
     cem_lr: float = option(
@@ -352,7 +357,7 @@ def plot(curves: dict[Entry, Curve], target: float, n_ref: int, title: str):
         ("n_evals", "objective evaluations, K samples per state each (log scale)"),
         ("seconds", "wall-clock seconds, all states in one batch (log scale)"),
     ]
-    colors = {"iterative": "C0", "adam": "C1", "cem": "C2", "direct": "C3"}
+    colors = {"iterative": "C0", "adam": "C1", "cem": "C2", "direct": "C3", "mppi": "C4"}
     low, high = y_range(curves, target)
     for ax, (field, xlabel) in zip(axes[0], panels):
         for e, c in curves.items():
