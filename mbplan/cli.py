@@ -10,11 +10,13 @@ import importlib
 import inspect
 import json
 import pkgutil
+import signal
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +30,20 @@ from mbplan.cli_planning import (
     FitOptimizerOptions,
     PlanOptions,
     TransferOptions,
+    check_writable,
     eval_model_cmd,
     export_cmd,
     fit_model_cmd,
     fit_optimizer_cmd,
     plan_cmd,
     transfer_cmd,
+)
+from mbplan.cli_sweep import (
+    SweepOptions,
+    SweepReportOptions,
+    sweep_argv,
+    sweep_cmd,
+    sweep_report_cmd,
 )
 from mbplan.errors import UserError
 from mbplan.options import TrainOptions, add_dataclass_args, from_namespace, option
@@ -58,28 +68,50 @@ class TrainCommand(TrainOptions):
 class EvalOptions:
     """Options of ``mbplan eval``."""
 
-    checkpoint: str = option("", "run folder or checkpoint folder")
+    checkpoint: str = option("", "run folder or checkpoint folder", required=True)
     episodes: int = option(10, "deterministic (tanh μ) episodes")
     seed: int = option(0, "seed of the episodes' resets")
     video: str = option("", "write the first episode as an MP4 here (MuJoCo offscreen)")
     env: str = option("", "evaluate on this env id instead of the run's (sizes must match)")
 
 
-def _train(opts: TrainCommand, explicit: set[str]) -> None:
+def _resumed_options(opts: TrainCommand, explicit: set[str]) -> TrainOptions:
+    """The saved options of ``--resume RUN``, with the flags given now on top (e.g. --steps)."""
+    if "out" in explicit and opts.out != opts.resume:
+        raise UserError("--out cannot be combined with --resume: the run folder is --resume's")
+    config_path = Path(opts.resume) / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"not a run folder (no config.json): {opts.resume}")
+    try:
+        saved = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"corrupt config.json in {opts.resume}") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"corrupt config.json in {opts.resume}: not an object")
+    values = asdict(TrainOptions.from_dict(saved, f"config.json in {opts.resume}"))
+    known = {f.name for f in fields(TrainOptions)}
+    values.update({k: getattr(opts, k) for k in explicit if k in known})
+    values["out"] = opts.resume
+    return TrainOptions(**values)
+
+
+def train_warnings(opts: TrainOptions) -> list[str]:
+    """Settings that run but will not do what a newcomer expects."""
+    notes = []
+    if opts.steps <= opts.warmup:
+        notes.append(
+            f"--steps {opts.steps} does not exceed --warmup {opts.warmup}: every step is random "
+            "exploration and no gradient update will run"
+        )
+    if not opts.eval_interval or not opts.eval_episodes or opts.eval_interval > opts.steps:
+        notes.append("no evaluation will run (--eval-interval is 0 or beyond --steps)")
+    return notes
+
+
+def _train(opts: TrainCommand, explicit: set[str]) -> int:
     resume = bool(opts.resume)
     if resume:
-        config_path = Path(opts.resume) / "config.json"
-        if not config_path.is_file():
-            raise UserError(f"not a run folder (no config.json): {opts.resume}")
-        try:
-            saved = json.loads(config_path.read_text())
-        except ValueError:
-            raise UserError(f"corrupt config.json in {opts.resume}") from None
-        known = {f.name for f in fields(TrainOptions)}
-        values = {k: v for k, v in saved.items() if k in known}
-        values.update({k: getattr(opts, k) for k in explicit if k in known})  # e.g. --steps
-        values["out"] = opts.resume
-        train_opts = TrainOptions(**values)
+        train_opts = _resumed_options(opts, explicit)
     else:
         train_opts = TrainOptions(**{f.name: getattr(opts, f.name) for f in fields(TrainOptions)})
     train_opts.validate()
@@ -101,6 +133,8 @@ def _train(opts: TrainCommand, explicit: set[str]) -> None:
             state["t"], state["updates"] = time.perf_counter(), 0
 
     trainer = Trainer(train_opts, resume=resume, on_progress=on_progress)
+    for note in train_warnings(train_opts):  # once the run folder is ours: never beside an error
+        print(f"mbplan: warning: {note}", file=sys.stderr)
     bar = tqdm(
         total=train_opts.steps,
         initial=trainer.step,
@@ -109,23 +143,42 @@ def _train(opts: TrainCommand, explicit: set[str]) -> None:
         desc=train_opts.agent,
         mininterval=1.0,
     )
+    # Ctrl-C / SIGTERM: finish the env step, write a checkpoint, exit 130
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: trainer.request_stop())
     try:
         summary = trainer.run()
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         bar.close()
+        trainer.close()
+    if summary["interrupted"]:
+        print(
+            f"mbplan: interrupted at step {summary['steps']}; checkpoint written, continue with "
+            f"`mbplan train --resume {train_opts.out}`",
+            file=sys.stderr,
+        )
+        return 130
     last = summary["last_eval"]
     print(
         f"trained {train_opts.agent} on {train_opts.env}: {summary['steps']} steps, "
         f"{summary['episodes']} episodes, {summary['steps_per_s']:.1f} env steps/s, "
         f"last eval {'-' if last is None else f'{last:.1f}'}; run folder {train_opts.out}"
     )
+    return 0
 
 
 def _eval(opts: EvalOptions) -> None:
     if not opts.checkpoint:
         raise UserError("--checkpoint is required")
-    if opts.episodes < 1:
-        raise UserError("--episodes must be >= 1")
+    if not 1 <= opts.episodes <= 10**6:
+        raise UserError(f"--episodes must be in [1, 1000000], got {opts.episodes}")
+    if not 0 <= opts.seed < 2**31:
+        raise UserError(f"--seed must be in [0, 2147483647], got {opts.seed}")
+    if opts.video:
+        check_writable(opts.video)  # before the episodes, not after them
     returns = eval_checkpoint(
         opts.checkpoint, opts.episodes, opts.seed, opts.video or None, opts.env or None
     )
@@ -187,9 +240,49 @@ COMMANDS: dict[str, dict[str, Command]] = {
             export_cmd,
         )
     },
+    "sweep": {
+        "": (
+            "run a grid of train runs that resume, here or on a Ray cluster",
+            SweepOptions,
+            sweep_cmd,
+        )
+    },
+    "sweep report": {
+        "": (
+            "aggregate a sweep DIR/NAME: mean ± SD over seeds, CSV, Markdown, curves",
+            SweepReportOptions,
+            sweep_report_cmd,
+        )
+    },
     "bench": discover("mbplan.bench"),
     "viz": discover("mbplan.viz"),
 }
+
+
+#: Examples shown at the end of each command's --help.
+EXAMPLES = {
+    "train": [
+        "mbplan train --env HalfCheetah-v5 --agent direct --steps 100000 --out runs/hc-direct",
+        "mbplan train --resume runs/hc-direct --steps 200000   # continue, with a new budget",
+    ],
+    "eval": ["mbplan eval --checkpoint runs/hc-direct --episodes 10"],
+    "fit-model": ["mbplan fit-model --checkpoint runs/hc-direct --steps 5000"],
+    "eval-model": ["mbplan eval-model --checkpoint runs/hc-direct --horizon 5"],
+    "fit-optimizer": [
+        "mbplan fit-optimizer --checkpoint runs/hc-direct --objective model --steps 2000",
+    ],
+    "plan": [
+        "mbplan plan --planner iterative --horizon 5            # on the bundled default",
+        "mbplan plan --checkpoint runs/hc-direct --planner cem --iters 10 --episodes 3",
+    ],
+    "transfer": ["mbplan transfer --horizon 2 --episodes 3"],
+    "export": ["mbplan export --checkpoint runs/hc-direct --out bundles/hc-direct"],
+}
+
+
+def _epilog(name: str) -> str | None:
+    lines = EXAMPLES.get(name)
+    return "examples:\n" + "\n".join(f"  {x}" for x in lines) if lines else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,7 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     for group, commands in COMMANDS.items():
         if "" in commands:  # a command without subcommands
             help_text, opts_cls, handler = commands[""]
-            cp = groups.add_parser(group, help=help_text, description=help_text, allow_abbrev=False)
+            cp = groups.add_parser(
+                group,
+                help=help_text,
+                description=help_text,
+                allow_abbrev=False,
+                epilog=_epilog(group),
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
             add_dataclass_args(cp, opts_cls)
             cp.set_defaults(_opts_cls=opts_cls, _handler=handler)
             continue
@@ -219,25 +319,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _explicit_flags(argv: Sequence[str]) -> set[str]:
+    """Field names of the flags given on the command line (``--no-compile`` names ``compile``)."""
+    names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    return names | {n[3:] for n in names if n.startswith("no_")}
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"mbplan: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mbplan`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = sweep_argv(sys.argv[1:] if argv is None else argv)  # `sweep report DIR` beside `sweep`
     parser = build_parser()
     ns = parser.parse_args(argv)
     opts = from_namespace(ns._opts_cls, ns)
-    explicit = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    explicit = _explicit_flags(argv)
+    warnings.showwarning = _one_line_warning
     try:
         if "explicit" in inspect.signature(ns._handler).parameters:
-            ns._handler(opts, explicit=explicit)
+            code = ns._handler(opts, explicit=explicit)
         else:
-            ns._handler(opts)
-    except (UserError, ValueError, FileNotFoundError) as exc:
+            code = ns._handler(opts)
+    except (UserError, ValueError) as exc:
         print(f"mbplan: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, permissions, a path that is not a folder: one line
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"mbplan: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("mbplan: error: out of memory: use smaller sizes", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mbplan: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return int(code or 0)
 
 
 if __name__ == "__main__":
