@@ -93,7 +93,42 @@ def update_macs(S: int, A: int, B: int, K: int, N: int, agent: str, H: int = 256
     return float(critic + target + actor)
 
 
-def measure_mbplan(agent: str, K: int, N: int, warmup: int, updates: int, seed: int) -> dict:
+def update_macs_model(
+    S: int, A: int, B: int, K: int, N: int, agent: str, horizon: int, H: int = 256
+) -> float:
+    """Multiply-adds of one ``--value model`` update (one model, or an ensemble with ``fixed``
+    propagation: each rollout row uses one member), counting matrix products only.
+
+    One Ĵ_MB evaluation on K·B rows: at each of the H steps the twin target critics, reward,
+    dynamics and future policy forward, and their input gradients backward (weights frozen), plus
+    the critics at s_H (the plain path evaluates them at every step). Models: dynamics and reward
+    trained on B real transitions. The critic, its target and the actor are counted as in
+    :func:`update_macs`, with Ĵ_MB in place of Ĵ; the iterative agent also distils its direct
+    future policy (forward of both, backward of the student).
+    """
+    q, d, r, pol = [S + A, H, H, 1], [S + A, H, H, S], [S + A, H, H, 1], [S, H, H, 2 * A]
+    fwd = 2 * mlp_macs(q) + mlp_macs(r) + mlp_macs(d) + mlp_macs(pol)
+    bwd = (2 * mlp_backward_macs(q, False, S + A) + mlp_backward_macs(r, False, S + A)
+           + mlp_backward_macs(d, False, S + A) + mlp_backward_macs(pol, False, S))  # fmt: skip
+    j_eval = K * B * (horizon * (fwd + bwd) + 2 * mlp_macs(q) + 2 * mlp_backward_macs(q, False, A))
+    qf = 2 * mlp_macs(q)
+    critic = B * (qf + 2 * mlp_backward_macs(q, weight_grads=True, input_grad=0))
+    models = B * sum(mlp_macs(x) + mlp_backward_macs(x, True, 0) for x in (d, r))
+    opt = [S + 4 * A, H, H, 4 * A]
+    if agent == "direct":
+        target = B * (mlp_macs(pol) + qf)
+        actor = B * (mlp_macs(pol) + mlp_backward_macs(pol, True, 0)) + j_eval
+        distill = 0
+    else:
+        target = N * (j_eval + B * mlp_macs(opt)) + B * qf
+        actor = (N + 1) * j_eval + N * B * (mlp_macs(opt) + mlp_backward_macs(opt, True, 0))
+        distill = B * (mlp_macs(pol) + mlp_backward_macs(pol, True, 0))
+    return float(critic + models + target + actor + distill)
+
+
+def measure_mbplan(
+    agent: str, K: int, N: int, warmup: int, updates: int, seed: int, **options
+) -> dict:
     """Whole training steps per second of mbplan after the warm-up (no eval, no checkpoints), and
     the time of the update alone (``Agent.update``: sampling and acting excluded)."""
     marks: dict[str, float] = {}
@@ -110,7 +145,7 @@ def measure_mbplan(agent: str, K: int, N: int, warmup: int, updates: int, seed: 
         opts = TrainOptions(
             env="HalfCheetah-v5", agent=agent, steps=total, seed=seed, out=out, samples=K,
             iters=N, warmup=warmup, eval_interval=0, checkpoint_interval=10**9,
-            buffer_size=100_000,
+            buffer_size=100_000, **options,
         )  # fmt: skip
         trainer = Trainer(opts, on_progress=on_progress)
         update = trainer.agent.update
@@ -214,6 +249,10 @@ def main() -> None:
         default=3,
         help="alternating mbplan/SB3 rounds (K=1)",
     )
+    p.add_argument("--mb-updates", type=int, default=60, help="timed steps, model-based direct")
+    p.add_argument(
+        "--mb-iter-updates", type=int, default=20, help="timed steps, model-based iterative"
+    )
     p.add_argument("--json", default="", help="also write the results here")
     args = p.parse_args()
     if min(args.updates, args.iter_updates) < 3:
@@ -249,6 +288,21 @@ def main() -> None:
               f"(median {r['ms_per_update_median']:.1f}; whole step {r['ms_per_step']:.1f} ms), "
               f"{macs / 1e9:.2f} G MAC/update, {100 * frac:.0f}% of peak "
               f"(target >= 50%)")  # fmt: skip
+    # Model-based agents (--value model, H = 2): what a sweep of such runs costs per update
+    for agent, updates in (("direct", args.mb_updates), ("iterative", args.mb_iter_updates)):
+        K, N, horizon = 10, 5, 2
+        if updates < 3:
+            continue
+        for ensemble in (1, 5):
+            r = measure_mbplan(agent, K, N, args.warmup, updates, args.seed, value="model",
+                               horizon=horizon, model_warmup=10, ensemble=ensemble)  # fmt: skip
+            macs = update_macs_model(S, A, B, K, N, agent, horizon)
+            frac = macs / (r["ms_per_update"] / 1e3) / peak
+            key = f"mbplan_{agent}_k10_model_h2_e{ensemble}"
+            results[key] = {**r, "gmacs_per_update": macs / 1e9, "peak_fraction": frac}
+            print(f"mbplan {agent:9s} K=10 N=5 --value model H=2 ensemble {ensemble}: "
+                  f"{r['ms_per_update']:7.1f} ms/update (median {r['ms_per_update_median']:.1f}), "
+                  f"{macs / 1e9:.2f} G MAC/update, {100 * frac:.0f}% of peak")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
