@@ -259,8 +259,9 @@ class Trainer:
         return save_checkpoint(self.run_dir, self.step, groups, meta)
 
     def _resume(self) -> None:
-        groups, meta = load_checkpoint(self.run_dir)
-        where = f"checkpoint {find_checkpoint(self.run_dir)}"
+        ckpt = find_checkpoint(self.run_dir)  # resolved once: a fallback warns once
+        groups, meta = load_checkpoint(ckpt)
+        where = f"checkpoint {ckpt}"
         check_env_matches(self.spec, check_env_spec(meta.get("env_spec"), where))
         for group in ("replay", "rng"):
             if group not in groups:
