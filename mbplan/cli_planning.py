@@ -151,6 +151,14 @@ class PlanOptions:
     )
 
 
+def plan_objective(setup, opts):
+    """Ĵ_MB of the plan and transfer commands: their H, K, propagation and κ."""
+    kappa = check_kappa(opts.kappa)
+    return model_objective(
+        setup, opts.horizon, opts.samples or None, propagation=opts.propagation, kappa=kappa
+    )[0]
+
+
 def check_plan_sizes(horizon: int, iters: int, samples: int, episodes: int, max_steps: int) -> None:
     """Bounds of the planning sizes: values past them would only hang or exhaust memory."""
     if not 1 <= horizon <= MAX_HORIZON:
@@ -431,13 +439,7 @@ def plan_cmd(opts: PlanOptions) -> None:
             check_writable(path)
     _threads(opts.threads)
     setup = load_setup(run_or_default(opts.checkpoint))
-    objective, _ = model_objective(
-        setup,
-        opts.horizon,
-        opts.samples or None,
-        propagation=opts.propagation,
-        kappa=check_kappa(opts.kappa),
-    )
+    objective = plan_objective(setup, opts)
     mppi = {"policy_samples": opts.policy_samples} if opts.planner == "mppi" else {}
     planner = planner_for(setup, opts.planner, "model", **mppi)
     env = make_env(opts.env or setup.config["env"], seed=opts.seed, render=bool(opts.video))
@@ -530,13 +532,7 @@ def transfer_cmd(opts: TransferOptions) -> None:
     if "model" in setup.optimizers:
         contenders["iterative (model-based)"] = setup.optimizers["model"]
     contenders["direct"] = setup.future_policy()
-    objective, _ = model_objective(
-        setup,
-        opts.horizon,
-        opts.samples or None,
-        propagation=opts.propagation,
-        kappa=check_kappa(opts.kappa),
-    )
+    objective = plan_objective(setup, opts)
     env = make_env(setup.config["env"], seed=opts.seed)
     check_env_matches(env_spec(env), setup.config["env_spec"])
     print(

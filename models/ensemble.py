@@ -26,7 +26,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from mbplan.models.critic import EnsembleLinear
-from mbplan.models.dynamics import _Standardize
+from mbplan.models.dynamics import Dynamics, Reward, _Standardize
 
 #: How a K·B-row rollout uses the members.
 PROPAGATIONS = ("fixed", "mean")
@@ -92,6 +92,30 @@ def select_members(all_members: Tensor, groups: int) -> Tensor:
     return all_members[member, torch.arange(N, device=all_members.device)]
 
 
+def propagate(
+    members, states: Tensor, actions: Tensor, n_members: int, groups: int, mode: str
+) -> Tensor:
+    """Outputs [N, D] of K·B rollout rows (row k·B + b), K = ``groups``, by propagation ``mode``.
+
+    Args:
+        members: (states, actions) → every member's outputs [E, rows, D] (rows may be [E, n, ·]).
+        states: [N, S].
+        actions: [N, A].
+        n_members: E.
+        groups: K.
+        mode: ``fixed`` (row k·B + b follows member k mod E) or ``mean`` (the members' mean).
+    """
+    if mode == "mean":
+        return members(states, actions).mean(0)
+    if mode != "fixed":
+        raise ValueError(f"unknown propagation {mode!r}; choose from {', '.join(PROPAGATIONS)}")
+    E = n_members
+    if groups % E == 0:  # each member gets K/E·B rows: the matmuls of one model
+        out = members(member_rows(states, E, groups), member_rows(actions, E, groups))
+        return unmember_rows(out, groups)  # (N, D)
+    return select_members(members(states, actions), groups)
+
+
 class EnsembleDynamics(nn.Module):
     """E deterministic dynamics members ŝ' = s + Δ_e(s, a), one batched network.
 
@@ -116,11 +140,7 @@ class EnsembleDynamics(nn.Module):
         self.delta_scale = _Standardize(state_dim)
         self.net = EnsembleMLP(n_members, state_dim + action_dim, state_dim, hidden)
 
-    def fit_normalizers(self, states: Tensor, actions: Tensor, next_states: Tensor) -> None:
-        """Set input and output statistics from real transitions [N, ·]."""
-        self.inputs.fit(torch.cat([states, actions], -1))
-        self.delta_scale.fit(next_states - states)
-        self.delta_scale.mean.zero_()  # the heads predict a zero delta at initialisation
+    fit_normalizers = Dynamics.fit_normalizers  # shared statistics: the same fit
 
     def members(self, states: Tensor, actions: Tensor) -> Tensor:
         """Every member's ŝ' for rows [N, S], [N, A] (or per-member rows [E, N, ·]): [E, N, S]."""
@@ -133,15 +153,7 @@ class EnsembleDynamics(nn.Module):
 
     def propagate(self, states: Tensor, actions: Tensor, groups: int, mode: str) -> Tensor:
         """ŝ' of K·B rollout rows (row k·B + b), K = ``groups``, by propagation ``mode``: [N, S]."""
-        if mode == "mean":
-            return self(states, actions)
-        if mode != "fixed":
-            raise ValueError(f"unknown propagation {mode!r}; choose from {', '.join(PROPAGATIONS)}")
-        E = self.n_members
-        if groups % E == 0:  # each member gets K/E·B rows: the matmuls of one model
-            s = member_rows(states, E, groups)  # (E, N/E, S)
-            return unmember_rows(self.members(s, member_rows(actions, E, groups)), groups)
-        return select_members(self.members(states, actions), groups)
+        return propagate(self.members, states, actions, self.n_members, groups, mode)
 
     def disagreement(self, predictions: Tensor) -> Tensor:
         """u = ‖std over members of ŝ'‖₂ in standardised delta units, from [E, N, S]: [N]."""
@@ -179,11 +191,7 @@ class EnsembleReward(nn.Module):
         self.register_buffer("offset", torch.zeros(()))
         self.register_buffer("scale", torch.ones(()))
 
-    def fit_normalizers(self, states: Tensor, actions: Tensor, rewards: Tensor) -> None:
-        """Set input and reward statistics from real transitions."""
-        self.inputs.fit(torch.cat([states, actions], -1))
-        self.offset.copy_(rewards.mean())
-        self.scale.copy_(rewards.std().clamp_min(1e-3))
+    fit_normalizers = Reward.fit_normalizers  # shared statistics: the same fit
 
     def members(self, states: Tensor, actions: Tensor) -> Tensor:
         """Every member's mean reward for rows [N, ·] (or [E, N, ·]): [E, N]."""
@@ -196,15 +204,11 @@ class EnsembleReward(nn.Module):
 
     def propagate(self, states: Tensor, actions: Tensor, groups: int, mode: str) -> Tensor:
         """r̂ of K·B rollout rows by propagation ``mode`` (as :meth:`EnsembleDynamics.propagate`)."""
-        if mode == "mean":
-            return self(states, actions)
-        if mode != "fixed":
-            raise ValueError(f"unknown propagation {mode!r}; choose from {', '.join(PROPAGATIONS)}")
-        E = self.n_members
-        if groups % E == 0:
-            r = self.members(member_rows(states, E, groups), member_rows(actions, E, groups))
-            return unmember_rows(r.unsqueeze(-1), groups).squeeze(-1)
-        return select_members(self.members(states, actions).unsqueeze(-1), groups).squeeze(-1)
+
+        def members(s: Tensor, a: Tensor) -> Tensor:
+            return self.members(s, a).unsqueeze(-1)  # (E, rows, 1)
+
+        return propagate(members, states, actions, self.n_members, groups, mode).squeeze(-1)
 
     def loss(self, states: Tensor, actions: Tensor, rewards: Tensor) -> Tensor:
         """Sum over members of the Gaussian NLL (standardised rewards, each member's log σ_r)."""
