@@ -46,7 +46,14 @@ from mbplan.cli_sweep import (
     sweep_report_cmd,
 )
 from mbplan.errors import UserError
-from mbplan.options import TrainOptions, add_dataclass_args, from_namespace, option
+from mbplan.options import (
+    SEED_RANGE,
+    TrainOptions,
+    add_dataclass_args,
+    check_ranges,
+    from_namespace,
+    option,
+)
 from mbplan.train import Trainer, eval_checkpoint
 
 
@@ -173,10 +180,7 @@ def _train(opts: TrainCommand, explicit: set[str]) -> int:
 def _eval(opts: EvalOptions) -> None:
     if not opts.checkpoint:
         raise UserError("--checkpoint is required")
-    if not 1 <= opts.episodes <= 10**6:
-        raise UserError(f"--episodes must be in [1, 1000000], got {opts.episodes}")
-    if not 0 <= opts.seed < 2**31:
-        raise UserError(f"--seed must be in [0, 2147483647], got {opts.seed}")
+    check_ranges(opts, {"episodes": (1, 10**6), "seed": SEED_RANGE})
     if opts.video:
         check_writable(opts.video)  # before the episodes, not after them
     returns = eval_checkpoint(

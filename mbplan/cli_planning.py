@@ -58,7 +58,14 @@ from mbplan.mpc import (
     propagation_option,
     trust_option,
 )
-from mbplan.options import MAX_HORIZON, MAX_ITERS, option
+from mbplan.options import (
+    MAX_HORIZON,
+    MAX_ITERS,
+    SEED_RANGE,
+    THREAD_RANGE,
+    check_ranges,
+    option,
+)
 from mbplan.planners import PLANNERS, MPPIPlanner
 
 
@@ -262,12 +269,7 @@ def check_fit_options(opts) -> None:
     """Ranges shared by fit-model and fit-optimizer (a NaN or huge rate only diverges)."""
     if not (math.isfinite(opts.lr) and 0 < opts.lr <= 1):
         raise UserError(f"--lr must be in (0, 1], got {opts.lr}")
-    if not 1 <= opts.batch_size <= 10**6:
-        raise UserError(f"--batch-size must be in [1, 1000000], got {opts.batch_size}")
-    if not 0 <= opts.seed < 2**31:
-        raise UserError(f"--seed must be in [0, 2147483647], got {opts.seed}")
-    if not 0 <= opts.threads <= 4096:
-        raise UserError(f"--threads must be in [0, 4096], got {opts.threads}")
+    check_ranges(opts, {"batch_size": (1, 10**6), "seed": SEED_RANGE, "threads": THREAD_RANGE})
 
 
 def _fit_model(run, opts: FitModelOptions) -> None:
@@ -432,8 +434,7 @@ def plan_cmd(opts: PlanOptions) -> None:
     """Receding-horizon control with a planner against the model-based objective."""
     check_plan_sizes(opts.horizon, opts.iters, opts.samples, opts.episodes, opts.max_steps)
     trust = check_trust(opts.trust, opts.planner)
-    if not 0 <= opts.seed < 2**31 or not 0 <= opts.threads <= 4096:
-        raise UserError("--seed must be in [0, 2147483647] and --threads in [0, 4096]")
+    check_ranges(opts, {"seed": SEED_RANGE, "threads": THREAD_RANGE})
     for path in (opts.save_plans, opts.video):
         if path:
             check_writable(path)

@@ -152,11 +152,7 @@ def ensemble_errors(
         ``member_state_nrmse[e][h]``, ``mean_state_nrmse[h]``, ``mean_reward_rmse[h]`` and
         ``disagreement_rank_corr[h]`` for h = 1 … H.
     """
-    starts = sequence_starts(data, horizon)
-    if starts.numel() == 0:
-        raise ValueError(f"no {horizon}-step sequences in the data")
-    if starts.numel() > max_starts:
-        starts = starts[torch.randperm(starts.numel(), generator=generator)[:max_starts]]
+    starts = sample_starts(data, horizon, max_starts, generator)
     E = dynamics.n_members
     std = data["states"].std(0).clamp_min(1e-6)
     s_members = data["states"][starts].expand(E, -1, -1)  # (E, M, S)
@@ -203,6 +199,22 @@ def sequence_starts(data: Transitions, horizon: int) -> Tensor:
     return ok.nonzero().squeeze(-1)
 
 
+def sample_starts(
+    data: Transitions, horizon: int, max_starts: int, generator: torch.Generator | None
+) -> Tensor:
+    """Up to ``max_starts`` random starts of H-step sequences (:func:`sequence_starts`) [M].
+
+    Raises:
+        ValueError: The data holds no such sequence.
+    """
+    starts = sequence_starts(data, horizon)
+    if starts.numel() == 0:
+        raise ValueError(f"no {horizon}-step sequences in the data")
+    if starts.numel() > max_starts:
+        starts = starts[torch.randperm(starts.numel(), generator=generator)[:max_starts]]
+    return starts
+
+
 @torch.no_grad()
 def open_loop_errors(
     dynamics: Dynamics,
@@ -218,11 +230,7 @@ def open_loop_errors(
         ``state_rmse[h]`` (root mean squared error per state dim, after h+1 steps),
         ``state_nrmse[h]`` (the same in units of each dim's std) and ``reward_rmse[h]``.
     """
-    starts = sequence_starts(data, horizon)
-    if starts.numel() == 0:
-        raise ValueError(f"no {horizon}-step sequences in the data")
-    if starts.numel() > max_starts:
-        starts = starts[torch.randperm(starts.numel(), generator=generator)[:max_starts]]
+    starts = sample_starts(data, horizon, max_starts, generator)
     s = data["states"][starts]  # (M, S)
     std = data["states"].std(0).clamp_min(1e-6)
     out: dict[str, list[float]] = {"state_rmse": [], "state_nrmse": [], "reward_rmse": []}

@@ -162,14 +162,11 @@ class TrainOptions:
             "steps": (1, 10**12), "iters": (1, MAX_ITERS), "samples": (1, 10**6),
             "batch_size": (1, 10**7), "buffer_size": (1, 10**10),
             "checkpoint_interval": (1, 10**12), "horizon": (1, MAX_HORIZON),
-            "log_interval": (1, 10**12), "seed": (0, 2**31 - 1), "warmup": (0, 10**12),
+            "log_interval": (1, 10**12), "seed": SEED_RANGE, "warmup": (0, 10**12),
             "eval_interval": (0, 10**12), "eval_episodes": (0, 10**6),
-            "model_warmup": (0, 10**9), "threads": (0, 4096), "ensemble": (1, 256),
+            "model_warmup": (0, 10**9), "threads": THREAD_RANGE, "ensemble": (1, 256),
         }  # fmt: skip
-        for name, (lo, hi) in bounds.items():
-            value = getattr(self, name)
-            if not lo <= value <= hi:
-                raise UserError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {value}")
+        check_ranges(self, bounds)
         reals = {  # name: (test, description)
             "beta": (lambda v: 0 <= v < math.inf, ">= 0 and finite"),
             "lr": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -186,6 +183,19 @@ class TrainOptions:
         check_device(self.device)
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise UserError(f"--out {self.out} is a file, not a run folder")
+
+
+#: Seeds every command accepts (env resets need them below 2^31) and torch thread counts.
+SEED_RANGE = (0, 2**31 - 1)
+THREAD_RANGE = (0, 4096)
+
+
+def check_ranges(opts: Any, bounds: dict[str, tuple[int, int]]) -> None:
+    """Raise :class:`UserError` for the first field of ``opts`` outside its [lowest, highest]."""
+    for name, (lo, hi) in bounds.items():
+        value = getattr(opts, name)
+        if not lo <= value <= hi:
+            raise UserError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {value}")
 
 
 #: Upper bounds of the planning sizes: a rollout or a loop this long is a typo, not a setting.
