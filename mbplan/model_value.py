@@ -66,8 +66,8 @@ class ModelValue:
             is changed in place. A change made through another tensor that aliases the weights
             (e.g. the flat buffer of :func:`mbplan.models.flat.flatten_into`) does not bump their
             version and is not seen: build a new ``ModelValue`` after such updates, as
-            :meth:`mbplan.agent.Agent.objective` does on every call. Ensembles always take the
-            plain path.
+            :meth:`mbplan.agent.Agent.objective` does on every call. Ensembles are fused too
+            (with their propagation and κ).
         propagation: How an ensemble (:class:`~mbplan.models.ensemble.EnsembleDynamics`) is
             rolled out: ``fixed`` (sample k follows member k mod E) or ``mean``. Ignored for a
             single model.
@@ -117,7 +117,7 @@ class ModelValue:
         """
         modules = [self.dynamics, self.reward, self.critic, self.future_policy]
         alpha = self.alpha
-        scalars = (self.horizon, self.beta, self.gamma, self.lam)
+        scalars = (self.horizon, self.beta, self.gamma, self.lam, self.propagation, self.kappa)
         alpha_key = (id(alpha), alpha._version) if isinstance(alpha, Tensor) else alpha
         key: list = [id(m) for m in modules] + [scalars, alpha_key]
         stack = [m for m in modules if isinstance(m, nn.Module)]
@@ -136,7 +136,15 @@ class ModelValue:
             return None
         key = self._networks_key()
         if key != self._fused_key:  # first call, or networks swapped or changed
-            settings = RolloutSettings(self.horizon, self.beta, self.gamma, self.lam, self.alpha)
+            settings = RolloutSettings(
+                self.horizon,
+                self.beta,
+                self.gamma,
+                self.lam,
+                self.alpha,
+                self.propagation,
+                self.kappa,
+            )
             self.fused_rollout = FusedRollout.from_networks(  # None: networks of another form
                 self.dynamics, self.reward, self.critic, self.future_policy, settings
             )
@@ -171,7 +179,7 @@ class ModelValue:
         a = rearrange(actions, "k b a -> (k b) a")  # (K*B, A)
         fused = self._fused(states)
         if fused is not None:
-            return fused_q(fused, s, a, generator).reshape(K, B)
+            return fused_q(fused, s, a, generator, K).reshape(K, B)
         log_prior = uniform_log_prob(A)
         qs, rewards, kls = [], [], []
         traj_s, traj_a = [s], [a]

@@ -10,8 +10,9 @@ Janner et al., NeurIPS 2019).
 Inside Ĵ_MB a rollout of K·B rows (row k·B + b = sample k of state b) uses the members in one of
 two ways (:data:`PROPAGATIONS`):
 
-* ``fixed`` (TS-∞): sample k follows member k mod E for its whole rollout. When E divides K, the
-  rows are regrouped so that each member sees K/E·B rows: the same matmuls as one model.
+* ``fixed`` (TS-∞): sample k follows member k mod E for its whole rollout. The rows are regrouped
+  so that each member sees K/E·B rows (⌈K/E⌉·B when E does not divide K, padded with zero rows
+  that are dropped after): the same matmuls as one model.
 * ``mean``: every row follows the members' mean prediction (E × the matmuls).
 
 Shapes: N rows · E members · S state dims · A action dims · H hidden width.
@@ -109,11 +110,15 @@ def propagate(
         return members(states, actions).mean(0)
     if mode != "fixed":
         raise ValueError(f"unknown propagation {mode!r}; choose from {', '.join(PROPAGATIONS)}")
-    E = n_members
-    if groups % E == 0:  # each member gets K/E·B rows: the matmuls of one model
-        out = members(member_rows(states, E, groups), member_rows(actions, E, groups))
-        return unmember_rows(out, groups)  # (N, D)
-    return select_members(members(states, actions), groups)
+    E, N = n_members, states.shape[0]
+    pad = -groups % E  # groups of zero rows appended so that E divides K (dropped after)
+    if pad:
+        B = N // groups
+        states = torch.cat([states, states.new_zeros(pad * B, states.shape[-1])])
+        actions = torch.cat([actions, actions.new_zeros(pad * B, actions.shape[-1])])
+    # Each member gets ⌈K/E⌉·B rows: the matmuls of one model (K/E·B rows when E divides K)
+    grouped = members(member_rows(states, E, groups + pad), member_rows(actions, E, groups + pad))
+    return unmember_rows(grouped, groups + pad)[:N]  # (N, D)
 
 
 class EnsembleDynamics(nn.Module):

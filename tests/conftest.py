@@ -5,6 +5,7 @@ import mbplan
 from mbplan.model_value import ModelValue
 from mbplan.models.critic import EnsembleQ
 from mbplan.models.dynamics import Dynamics, Reward
+from mbplan.models.ensemble import EnsembleDynamics, EnsembleReward
 from mbplan.replay import Batch
 
 # Small tensors: one thread is as fast, and immune to oversubscription on a busy 2-core machine.
@@ -86,3 +87,27 @@ def randomize(value: ModelValue) -> ModelValue:
         value.reward.scale.fill_(1.7)
         value.reward.offset.fill_(-0.4)
     return value
+
+
+def with_ensemble(
+    value: ModelValue, n_members: int, propagation: str = "fixed", kappa: float = 0.0
+) -> ModelValue:
+    """``value`` with a frozen E-member ensemble model (distinct, non-trivial members) instead."""
+    g = torch.Generator().manual_seed(7)
+    S, A = value.dynamics.state_dim, value.dynamics.action_dim
+    dtype = value.dynamics.delta_scale.std.dtype
+    dyn = EnsembleDynamics(S, A, n_members, hidden=16).to(dtype)
+    rew = EnsembleReward(S, A, n_members, hidden=16).to(dtype)
+    with torch.no_grad():
+        for model in (dyn, rew):
+            for p in model.parameters():  # zero heads and unit affines made non-trivial
+                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=dtype))
+            model.inputs.mean.normal_(generator=g)
+            model.inputs.std.uniform_(0.5, 2.0, generator=g)
+        dyn.delta_scale.std.uniform_(0.5, 2.0, generator=g)
+        rew.scale.fill_(1.3)
+        rew.offset.fill_(0.2)
+    v = value
+    return ModelValue(dyn.requires_grad_(False), rew.requires_grad_(False), v.critic,
+                      v.future_policy, v.horizon, beta=v.beta, gamma=v.gamma, lam=v.lam,
+                      alpha=v.alpha, propagation=propagation, kappa=kappa)  # fmt: skip

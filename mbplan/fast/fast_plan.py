@@ -197,7 +197,7 @@ def value_and_grad(
     actions = tanh.clamp(-1 + ACTION_EPS, 1 - ACTION_EPS)
     s = states.expand(K, B, S).reshape(K * B, S)
     q, tape = fused.forward(
-        s, actions.reshape(K * B, A), list(eps_future.unbind(0)), True, rollout_alpha
+        s, actions.reshape(K * B, A), list(eps_future.unbind(0)), True, rollout_alpha, K
     )
     dq = fused.backward(tape, actions.reshape(K * B, A), S).view(K, B, A)  # ∂Q̂/∂a_k
     # log π(a_k) − log p(a_k), summed over A, without the constants' gradient

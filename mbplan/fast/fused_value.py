@@ -5,17 +5,26 @@ same gradient with respect to the first actions, in a fraction of the ops. Plann
 on K = 10 rows, where every op costs its fixed overhead (~5 µs here) and autograd's generic
 backward takes ~3,500 of them per evaluation (~700 here). Here:
 
-* dynamics, reward and the E critics read the same input [s, a], so their layers are stacked
-  and run as one batched matmul per layer (input standardisation and output scales are folded into
+* dynamics, reward and the critics read the same input [s, a], so their layers are stacked and
+  run as one batched matmul per layer (input standardisation and output scales are folded into
   the weights);
-* Retrace is linear in rewards, Q-values and KL terms, so its adjoints are constants;
+* Retrace is linear in rewards, Q-values, KL terms and the ensemble's pessimism terms κ·u, so their
+  adjoints are constants;
 * the backward pass is written out by hand (input gradients only: the weights are frozen).
 
-Used automatically by ``ModelValue`` when its networks have the supported form (deterministic
-dynamics without the Euler layout, LayerNorm + LeakyReLU model trunks, an ``EnsembleQ`` critic and a
-``direct`` future policy, all frozen) and nothing asks for the recorded rollout.
+An ensemble model (:mod:`mbplan.models.ensemble`) stacks its E dynamics and E reward members the
+same way. How the K·B rows meet the members follows ``ModelValue``'s propagation (:data:`MODES`):
+with ``fixed`` propagation and E dividing K, member e takes only the rows of samples k ≡ e (mod E),
+so a step costs the matmuls of one model (two batched passes: the models on their rows, the
+critics on all rows).
 
-Shapes: N = K·B rows · M = 2 + E stacked networks · H hidden width · S state · A action dims.
+Used automatically by ``ModelValue`` when its networks have the supported form (deterministic
+dynamics without the Euler layout, or an ensemble; LayerNorm + LeakyReLU model trunks, an
+``EnsembleQ`` critic and a ``direct`` future policy, all frozen) and nothing asks for the recorded
+rollout.
+
+Shapes: N = K·B rows · E model members · C critics · M = 2E + C stacked networks · H hidden width ·
+S state · A action dims.
 """
 
 from __future__ import annotations
@@ -29,12 +38,16 @@ from torch import Tensor, nn
 from mbplan.distributions import _LOG_SQRT_2PI, ACTION_EPS, LOGDET_EPS, uniform_log_prob
 from mbplan.models.critic import EnsembleQ
 from mbplan.models.dynamics import Dynamics, Reward
+from mbplan.models.ensemble import EnsembleDynamics, EnsembleReward, member_rows, unmember_rows
 from mbplan.planners.direct import DirectPlanner
 
 aten = torch.ops.aten
 
-#: Stacked members: 0 = dynamics, 1 = reward, 2… = critics. The first N_MODEL use LayerNorm.
-N_MODEL = 2
+#: How a step's N rows meet the E model members: ``one`` (a single model), ``mean`` (every member on
+#: every row, their mean), ``select`` (every member on every row, row k·B + b keeps member k mod E:
+#: fixed propagation when κ > 0 needs every member's prediction, or E does not divide K), ``split``
+#: (fixed propagation: member e runs only the K/E·B rows of samples k ≡ e (mod E)).
+MODES = ("one", "mean", "select", "split")
 
 
 @dataclass
@@ -73,42 +86,68 @@ def _linear_t(layer: nn.Linear) -> tuple[Tensor, Tensor]:
     return layer.weight.detach().t(), layer.bias.detach()
 
 
-def _model_parts(
-    net: nn.Sequential,
-) -> tuple[list[nn.Linear], list[nn.LayerNorm], tuple[float, float]] | None:
-    """Linear/LayerNorm layers and (LeakyReLU slope, LayerNorm eps) of a model trunk, or None.
+def _pairs(weights: Tensor, biases: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """[(w_e, b_e)] of E stacked members: weights [E, ...], biases [E, 1, out] → b_e [out]."""
+    return list(zip(weights.detach(), biases.detach()[:, 0], strict=True))
 
-    The trunk must be exactly 2 × (Linear with bias → affine LayerNorm → LeakyReLU) → Linear
-    with bias, with one slope and one eps.
+
+#: A model's members, layer by layer: per layer (1, 2, head) the members' (W [in, out], b [out]);
+#: per hidden layer the members' LayerNorm (γ [H], β [H]); and (LeakyReLU slope, LayerNorm eps).
+_Members = tuple[list[list[tuple[Tensor, Tensor]]], list[list[tuple[Tensor, Tensor]]], tuple]
+
+
+def _model_members(model: nn.Module) -> _Members | None:
+    """The members of a single model (one) or an ensemble (E), or None for another form.
+
+    A trunk must be exactly 2 × (Linear with bias → affine LayerNorm → LeakyReLU) → Linear with
+    bias (batched: ``EnsembleLinear`` → ``EnsembleLayerNorm``), with one slope and one eps.
     """
-    if [type(m) for m in net] != [nn.Linear, nn.LayerNorm, nn.LeakyReLU] * 2 + [nn.Linear]:
+    ensemble = isinstance(model, EnsembleDynamics | EnsembleReward)
+    net = model.net.net if ensemble else model.net
+    linear, norm = (type(net[0]), type(net[1])) if ensemble else (nn.Linear, nn.LayerNorm)
+    if [type(m) for m in net] != [linear, norm, nn.LeakyReLU] * 2 + [linear]:
         return None
     linears, norms = [net[0], net[3], net[6]], [net[1], net[4]]
-    if any(m.bias is None for m in linears):
+    if any(m.bias is None for m in linears) or any(m.weight is None for m in linears):
         return None
-    if any(m.weight is None or m.bias is None or len(m.normalized_shape) != 1 for m in norms):
+    if any(m.weight is None or m.bias is None for m in norms):
         return None
     if net[2].negative_slope != net[5].negative_slope or norms[0].eps != norms[1].eps:
         return None
-    return linears, norms, (float(net[2].negative_slope), float(norms[0].eps))
+    if ensemble:  # weights [E, in, out], biases [E, 1, out], affines [E, 1, H]
+        layers = [_pairs(m.weight, m.bias) for m in linears]
+        lns = [_pairs(m.weight[:, 0], m.bias) for m in norms]
+    else:
+        if any(len(m.normalized_shape) != 1 for m in norms):
+            return None
+        layers = [[_linear_t(m)] for m in linears]
+        lns = [[(m.weight.detach(), m.bias.detach())] for m in norms]
+    return layers, lns, (float(net[2].negative_slope), float(norms[0].eps))
 
 
 @dataclass(frozen=True)
 class RolloutSettings:
-    """The scalars of Q̂_MB: horizon H, pessimism β, discount γ, Retrace λ and the future KL's α."""
+    """The scalars of Q̂_MB: horizon H, pessimism β, discount γ, Retrace λ, the future KL's α.
+
+    For an ensemble also its propagation and pessimism κ (as in
+    :class:`~mbplan.model_value.ModelValue`).
+    """
 
     horizon: int
     beta: float
     gamma: float
     lam: float
     alpha: float | Tensor
+    propagation: str = "fixed"
+    kappa: float = 0.0
 
 
 class FusedRollout:
     """Q̂_MB(s, a_0) of a :class:`~mbplan.model_value.ModelValue` with a hand-written backward.
 
     Build with :meth:`from_networks`, which returns None when the networks are of another form.
-    It holds copies of the weights (``ModelValue`` rebuilds it when they change).
+    It holds copies of the weights (``ModelValue`` rebuilds it when they change). Stacked members:
+    dynamics 0…E−1, reward E…2E−1, critics 2E…; the first 2E use LayerNorm.
     """
 
     def __init__(
@@ -119,11 +158,17 @@ class FusedRollout:
         ln_eps: float,
         layers: list[_Layer],
         ln: list[tuple],
+        n_members: int,
+        delta_std: Tensor,
     ):
         self.settings = settings
         self.slope, self.ln_eps = slope, ln_eps
         self.layers = layers  # hidden 1, hidden 2, head
-        self.ln = ln  # per hidden layer: (γ [N_MODEL, 1, H], β [N_MODEL, 1, H])
+        self.ln = ln  # per hidden layer: (γ [2E, 1, H], β [2E, 1, H])
+        self.n_members = n_members  # E
+        self.n_model = 2 * n_members  # stacked model members (dynamics, then reward)
+        self.n_critics = layers[0].w.shape[0] - self.n_model  # C
+        self.delta_std = delta_std  # σ_Δ [S]: the disagreement's units
         self._views: dict[tuple[int, int], tuple] = {}
         self.policy = [tuple(x.clone() for x in _linear_t(policy.net[i])) for i in (0, 2, 4)]
         self.policy_w = [w.t() for w, _ in self.policy]  # [out, in] for the backward
@@ -149,7 +194,9 @@ class FusedRollout:
         # Exact classes: a subclass may evaluate differently.
         if type(policy) is not DirectPlanner or type(critic) is not EnsembleQ:
             return None
-        if type(dyn) is not Dynamics or type(rew) is not Reward:
+        single = type(dyn) is Dynamics and type(rew) is Reward
+        ensemble = type(dyn) is EnsembleDynamics and type(rew) is EnsembleReward
+        if not (single or ensemble) or (ensemble and dyn.n_members != rew.n_members):
             return None
         if len(critic.hidden) != 2 or critic.n_members < 2:
             return None
@@ -157,13 +204,14 @@ class FusedRollout:
             return None
         if any(policy.net[i].bias is None for i in (0, 2, 4)):
             return None
-        parts = [_model_parts(m.net) for m in (dyn, rew)]
+        parts = [_model_members(m) for m in (dyn, rew)]
         if parts[0] is None or parts[1] is None or parts[0][2] != parts[1][2]:
             return None  # another form, or dynamics and reward differ in slope or eps
         modules = [dyn, rew, critic, policy]
         if any(p.requires_grad for m in modules for p in m.parameters()):
             return None
-        widths = {critic.hidden[0].weight.shape[-1]} | {p[0][0].out_features for p in parts}
+        widths = {critic.hidden[0].weight.shape[-1]} | {w.shape[-1] for w, _ in parts[0][0][0]}
+        widths |= {w.shape[-1] for w, _ in parts[1][0][0]}
         if len(widths) != 1:
             return None
         S = dyn.state_dim
@@ -171,21 +219,21 @@ class FusedRollout:
         # Hidden layer 1 with each model's input standardisation folded in:
         # ((x − m)/σ)·Wᵀ + b = x·(Wᵀ/σ) + (b − (m/σ)·Wᵀ).
         w1, b1 = [], []
-        for model, (linears, _, _) in zip((dyn, rew), parts, strict=True):
-            w, b = _linear_t(linears[0])
+        for model, (layers, _, _) in zip((dyn, rew), parts, strict=True):
             mean, std = model.inputs.mean, model.inputs.std
-            w1.append(w / std[:, None])
-            b1.append(b - (mean / std) @ w)
+            for w, b in layers[0]:
+                w1.append(w / std[:, None])
+                b1.append(b - (mean / std) @ w)
         w1 += list(critic.hidden[0].weight.detach())
         b1 += [bias[0] for bias in critic.hidden[0].bias.detach()]
-        w2 = [_linear_t(p[0][1])[0] for p in parts] + list(critic.hidden[1].weight.detach())
-        b2 = [_linear_t(p[0][1])[1] for p in parts] + [b[0] for b in critic.hidden[1].bias.detach()]
+        w2 = [w for p in parts for w, _ in p[0][1]] + list(critic.hidden[1].weight.detach())
+        b2 = [b for p in parts for _, b in p[0][1]] + [b[0] for b in critic.hidden[1].bias.detach()]
         # Heads padded to S outputs: dynamics Δ·σ_Δ, reward·scale + offset, critics' Q.
-        w_dyn, b_dyn = _linear_t(parts[0][0][2])
-        w_rew, b_rew = _linear_t(parts[1][0][2])
         sigma = dyn.delta_scale.std
-        w3 = [w_dyn * sigma, F.pad(w_rew * rew.scale, (0, S - 1))]
-        b3 = [b_dyn * sigma, F.pad(b_rew * rew.scale + rew.offset, (0, S - 1))]
+        w3 = [w * sigma for w, _ in parts[0][0][2]]
+        b3 = [b * sigma for _, b in parts[0][0][2]]
+        w3 += [F.pad(w * rew.scale, (0, S - 1)) for w, _ in parts[1][0][2]]
+        b3 += [F.pad(b * rew.scale + rew.offset, (0, S - 1)) for _, b in parts[1][0][2]]
         w3 += [F.pad(w, (0, S - 1)) for w in critic.head.weight.detach()]
         b3 += [F.pad(b[0], (0, S - 1)) for b in critic.head.bias.detach()]
         layers = []
@@ -194,11 +242,13 @@ class FusedRollout:
             layers.append(_Layer(w, w.transpose(1, 2).contiguous(), torch.stack(bs)[:, None]))
         ln = []
         for i in range(2):
-            gamma = torch.stack([p[1][i].weight.detach() for p in parts])[:, None]  # (2, 1, H)
-            beta = torch.stack([p[1][i].bias.detach() for p in parts])[:, None]
+            pairs = parts[0][1][i] + parts[1][1][i]
+            gamma = torch.stack([g for g, _ in pairs])[:, None]  # (2E, 1, H)
+            beta = torch.stack([b for _, b in pairs])[:, None]
             ln.append((gamma, beta))
         slope, eps = parts[0][2]
-        return cls(settings, policy, slope, eps, layers, ln)
+        E = len(parts[0][0][0])
+        return cls(settings, policy, slope, eps, layers, ln, E, sigma.detach().clone())
 
     # ---------------------------------------------------------------- stacked trunks
 
@@ -206,18 +256,18 @@ class FusedRollout:
         """The layers and LayerNorm (γ, β) of members lo:hi (views, made once per range)."""
         key = (lo, hi)
         if key not in self._views:
-            n_ln = max(0, min(hi, N_MODEL) - lo)
+            n_ln = max(0, min(hi, self.n_model) - lo)
             layers = [_Layer(x.w[lo:hi], x.w_t[lo:hi], x.b[lo:hi]) for x in self.layers]
             ln = [(g[lo : lo + n_ln], b[lo : lo + n_ln]) for g, b in self.ln]
             self._views[key] = (layers, ln)
         return self._views[key]
 
     def _trunk(self, x: Tensor, lo: int, hi: int) -> tuple[Tensor, _Trunk]:
-        """Members lo:hi on x [N, S+A]: outputs [hi − lo, N, S] and the tape."""
-        n_ln = max(0, min(hi, N_MODEL) - lo)
+        """Members lo:hi on x [N, S+A] (shared) or [hi − lo, n, S+A]: outputs [hi − lo, ·, S]."""
+        n_ln = max(0, min(hi, self.n_model) - lo)
         tape = _Trunk(lo, hi, n_ln, [])
         layers, ln = self._members(lo, hi)
-        h = x.expand(hi - lo, *x.shape)  # (m, N, S+A)
+        h = x.expand(hi - lo, *x.shape) if x.ndim == 2 else x  # (m, N, S+A)
         for i, layer in enumerate(layers[:2]):
             z = torch.baddbmm(layer.b, h, layer.w)  # (m, N, H)
             zl = z if n_ln == hi - lo else z[:n_ln]
@@ -238,7 +288,7 @@ class FusedRollout:
         return torch.baddbmm(layers[2].b, h, layers[2].w), tape
 
     def _trunk_backward(self, g: Tensor, tape: _Trunk) -> Tensor:
-        """Input gradient [N, S+A] from output gradients g [hi − lo, N, S]."""
+        """Each member's input gradient [hi − lo, N, S+A] from output gradients [hi − lo, N, S]."""
         lo, hi, n_ln = tape.lo, tape.hi, tape.n_ln
         layers, ln = self._members(lo, hi)
         g = torch.bmm(g, layers[2].w_t)  # (m, N, H)
@@ -259,7 +309,7 @@ class FusedRollout:
                 parts.append(aten.threshold_backward(g if n_ln == 0 else g[n_ln:], out, 0))
             g = parts[0] if len(parts) == 1 else torch.cat(parts)
             g = torch.bmm(g, layers[i].w_t)  # (m, N, in)
-        return g.sum(0)  # (N, S+A)
+        return g  # (m, N, S+A)
 
     # ---------------------------------------------------------------- future policy
 
@@ -305,12 +355,68 @@ class FusedRollout:
         g = aten.threshold_backward(g.mm(w2), tape.h1, 0)
         return g.mm(w1)
 
+    # ---------------------------------------------------------------- model members and rows
+
+    def mode(self, groups: int) -> str:
+        """How a rollout of K = ``groups`` samples per state meets the members (:data:`MODES`)."""
+        E, v = self.n_members, self.settings
+        if E == 1:
+            return "one"
+        if v.propagation == "mean":
+            return "mean"
+        return "select" if v.kappa > 0 or groups % E else "split"
+
+    def _combine(self, out: Tensor, mode: str, groups: int) -> Tensor:
+        """The rows' predictions [N, ·] from the members' outputs [E, rows, ·] (rows N or N/E)."""
+        if mode == "one":
+            return out[0]
+        if mode == "mean":
+            return out.mean(0)
+        if mode == "split":
+            if out.ndim == 2:  # one output per row (the reward)
+                return unmember_rows(out[..., None], groups)[:, 0]
+            return unmember_rows(out, groups)
+        N = out.shape[1]
+        return out[self._member_of_row(N, groups, out.device), torch.arange(N, device=out.device)]
+
+    def _uncombine(self, g: Tensor, mode: str, groups: int) -> Tensor:
+        """Adjoint of :meth:`_combine`: the members' output gradients [E, rows, D] from g [N, D]."""
+        E = self.n_members
+        if mode == "one":
+            return g[None]
+        if mode == "mean":
+            return (g / E).expand(E, *g.shape)
+        if mode == "split":
+            return member_rows(g, E, groups)
+        N = g.shape[0]
+        out = g.new_zeros(E, *g.shape)
+        out[self._member_of_row(N, groups, g.device), torch.arange(N, device=g.device)] = g
+        return out
+
+    def _member_of_row(self, N: int, groups: int, device) -> Tensor:
+        """Member k mod E of row k·B + b, [N] (for ``select``)."""
+        return (torch.arange(N, device=device) // (N // groups)) % self.n_members
+
+    def _disagreement(self, d: Tensor) -> tuple[Tensor, Tensor]:
+        """u = ‖std over members of Δ/σ_Δ‖₂ [N] from the members' Δ·σ_Δ [E, N, S], and ∂u/∂(Δ·σ_Δ).
+
+        As :meth:`~mbplan.models.ensemble.EnsembleDynamics.disagreement` (σ of s + Δ·σ_Δ is that
+        of Δ·σ_Δ).
+        """
+        E = d.shape[0]
+        z = d / self.delta_std  # (E, N, S)
+        dev = z - z.mean(0)
+        u = (dev.square().sum(0) / (E - 1)).sum(-1).sqrt()  # (N,)
+        grad = dev / ((E - 1) * u.clamp_min(1e-30)[:, None] * self.delta_std)  # (E, N, S)
+        return u, grad
+
     # ---------------------------------------------------------------- rollout
 
     def coefficients(self) -> tuple[list[float], list[float], list[float]]:
         """Retrace as a linear form: Q̂ = Σ_t w_t r_t + Σ_{t≥1} c_t Q_t − Σ_{t≥1} k_t KL_t.
 
         w_t = (γλ)^t, c_t = γ w_{t−1} − w_t (c_H = γ w_{H−1}; Q_0 cancels), k_t = γ w_{t−1}.
+        An ensemble's pessimism enters with r_t: r_t − κ·u_t.
         """
         v = self.settings
         H, gamma = v.horizon, v.gamma
@@ -325,6 +431,23 @@ class FusedRollout:
         H = self.settings.horizon
         return [torch.randn(shape, generator=generator, **like)[0] for _ in range(H)]
 
+    def _passes(self, x: Tensor, t: int, critics: bool, mode: str, groups: int) -> list[tuple]:
+        """The stacked trunk passes of step t on x [N, S+A]: [(outputs [m, rows, S], tape)].
+
+        The models run at steps t < H, the critics where ``critics``. One pass over every member
+        needed, except with ``split`` rows: the models on their members' rows, the critics on all.
+        """
+        has_models = t < self.settings.horizon
+        lo = 0 if has_models else self.n_model
+        hi = self.n_model + self.n_critics if critics else self.n_model
+        if mode != "split" or not has_models:
+            return [self._trunk(x, lo, hi)]
+        rows = member_rows(x, self.n_members, groups)  # (E, N/E, S+A)
+        passes = [self._trunk(torch.cat([rows, rows]), 0, self.n_model)]  # dynamics and reward
+        if critics:
+            passes.append(self._trunk(x, self.n_model, hi))
+        return passes
+
     def forward(
         self,
         states: Tensor,
@@ -332,71 +455,99 @@ class FusedRollout:
         noise: list[Tensor],
         grad: bool = True,
         alpha: float | None = None,
+        groups: int = 1,
     ) -> tuple[Tensor, list]:
         """Q̂_MB for rows states [N, S], actions [N, A], noise ε_1 … ε_H: values [N], tape.
 
         ``alpha`` (the future steps' KL weight) defaults to the value's; pass it as a float to keep
-        a tensor α's ``float()`` out of compiled code.
+        a tensor α's ``float()`` out of compiled code. ``groups`` is K (row k·B + b = sample k of
+        state b): an ensemble's members follow the samples.
         """
         v = self.settings
         H, beta = v.horizon, v.beta
         alpha = float(v.alpha) if alpha is None else alpha
         w, c, k = self.coefficients()
-        E = self.layers[0].w.shape[0] - N_MODEL
+        E, C, n_model = self.n_members, self.n_critics, self.n_model
+        mode = self.mode(groups)
+        kappa = v.kappa if E > 1 else 0.0  # one member has no disagreement
         s, a = states, actions
         terms, coef, tape = [], [], []  # Q̂ = Σ coef·terms
         for t in range(H + 1):
-            lo = N_MODEL if t == H else 0  # last step: critics only
-            hi = N_MODEL if c[t] == 0 else N_MODEL + E  # c_t = 0: no critics
-            if lo >= hi:
+            critics = c[t] != 0  # c_t = 0: no critics (t = 0); the last step: critics only
+            if t == H and not critics:
                 break
-            out, trunk = self._trunk(torch.cat([s, a], -1), lo, hi)  # (m, N, S)
-            step = {"trunk": trunk, "t": t}
-            if c[t]:
-                q = out[N_MODEL - lo :, :, 0]  # (E, N)
+            passes = self._passes(torch.cat([s, a], -1), t, critics, mode, groups)
+            step = {"passes": [p[1] for p in passes], "t": t, "mode": mode, "groups": groups}
+            if critics:
+                out = passes[-1][0]
+                q = out[out.shape[0] - C :, :, 0]  # (C, N)
                 mean = q.mean(0)
                 dev = q - mean
-                sd = torch.sqrt(dev.square().sum(0) / (E - 1) + 1e-6)
+                sd = torch.sqrt(dev.square().sum(0) / (C - 1) + 1e-6)
                 terms.append(torch.add(mean, sd, alpha=-beta))  # pessimistic Q̂_t
                 coef.append(c[t])
                 if grad:  # ∂(c_t·Q̂_t)/∂Q_e, for the backward pass
                     step["dq"] = (
-                        torch.addcdiv(torch.full_like(dev, 1 / E), dev, sd, value=-beta / (E - 1))
+                        torch.addcdiv(torch.full_like(dev, 1 / C), dev, sd, value=-beta / (C - 1))
                         * c[t]
                     )
             if t < H:
-                terms.append(out[1, :, 0])  # r_t
+                out = passes[0][0]  # (2E + ·, rows, S)
+                terms.append(self._combine(out[E:n_model, :, 0], mode, groups))  # r_t
                 coef.append(w[t])
-                s = s + out[0]
+                if kappa:  # r_t − κ·u_t, u_t the members' disagreement on s_{t+1}
+                    u, step["du"] = self._disagreement(out[:E])
+                    terms.append(u)
+                    coef.append(-kappa * w[t])
+                s = s + self._combine(out[:E], mode, groups)
                 g_kl = -k[t + 1] * alpha
                 a, log_prob, step["policy"] = self._policy(s, noise[t], g_kl, grad)
                 terms.append(log_prob - noise[t].square().sum(-1) * 0.5)
                 coef.append(g_kl)
                 step["g_kl"] = g_kl
+                step["kappa"] = kappa
             tape.append(step)
         # Constants left out of the terms: Σ g_kl·(−A·log √2π − log p(a))
         const = sum(step.get("g_kl", 0.0) for step in tape) * self.kl_const
         weights = torch.tensor(coef, dtype=states.dtype, device=states.device)
         return torch.stack(terms).T.mv(weights) + const, tape
 
+    def _model_grad(self, step: dict, g_state: Tensor, w_t: float) -> Tensor:
+        """The model members' output gradients [2E, rows, S] of step t from ∂/∂s_{t+1} [N, S]."""
+        mode, groups = step["mode"], step["groups"]
+        g_dyn = self._uncombine(g_state, mode, groups)  # (E, rows, S)
+        if "du" in step:
+            g_dyn = g_dyn - (step["kappa"] * w_t) * step["du"]
+        g_rew = self._uncombine(g_state.new_full((g_state.shape[0], 1), w_t), mode, groups)
+        return torch.cat([g_dyn, F.pad(g_rew, (0, g_state.shape[1] - 1))])
+
     def backward(self, tape: list, actions: Tensor, n_state: int) -> Tensor:
         """∂Q̂_MB/∂a_0 [N, A] for unit output gradients (the backward of every row is linear)."""
         w = self.coefficients()[0]
         N = actions.shape[0]
+        n_model = self.n_model
         # ∂/∂s and ∂/∂a of the step after the one being processed (zero past the last trunk)
         g_state = actions.new_zeros(N, n_state)
         g_action = torch.zeros_like(actions)
         for step in reversed(tape):
-            trunk, t = step["trunk"], step["t"]
+            t = step["t"]
             if "policy" in step:  # a_{t+1} and its KL term came from the future policy on s_{t+1}
                 g_state = g_state + self._policy_backward(g_action, step["g_kl"], step["policy"])
-            g_out = g_state.new_zeros(trunk.hi - trunk.lo, N, n_state)  # (m, N, S)
-            if trunk.lo == 0:
-                g_out[0] = g_state  # s_{t+1} = s_t + Δ_t
-                g_out[1, :, 0] = w[t]
-            if "dq" in step:
-                g_out[N_MODEL - trunk.lo :, :, 0] = step["dq"]
-            g_x = self._trunk_backward(g_out, trunk)  # (N, S+A)
+            g_x = None
+            for trunk in step["passes"]:
+                rows = N if trunk.lo >= n_model or step["mode"] != "split" else N // self.n_members
+                g_out = g_state.new_zeros(trunk.hi - trunk.lo, rows, n_state)  # (m, rows, S)
+                if trunk.lo == 0:
+                    g_out[:n_model] = self._model_grad(step, g_state, w[t])
+                if "dq" in step and trunk.hi > n_model:
+                    g_out[max(n_model - trunk.lo, 0) :, :, 0] = step["dq"]
+                g_in = self._trunk_backward(g_out, trunk)  # (m, rows, S+A)
+                if rows != N:  # split rows: dynamics and reward member e read the same rows
+                    E = self.n_members
+                    g_in = unmember_rows(g_in[:E] + g_in[E:], step["groups"])
+                else:
+                    g_in = g_in.sum(0)
+                g_x = g_in if g_x is None else g_x + g_in  # (N, S+A)
             g_state = g_state + g_x[:, :n_state]
             g_action = g_x[:, n_state:]
         return g_action
@@ -406,9 +557,12 @@ class _FusedQ(torch.autograd.Function):
     """Q̂_MB(s, a_0) with the hand-written input gradient of :class:`FusedRollout`."""
 
     @staticmethod
-    def forward(ctx, actions: Tensor, fused: FusedRollout, states: Tensor, generator) -> Tensor:
+    def forward(
+        ctx, actions: Tensor, fused: FusedRollout, states: Tensor, generator, groups: int
+    ) -> Tensor:
         grad = ctx.needs_input_grad[0]
-        values, tape = fused.forward(states, actions, fused.noise(actions, generator), grad)
+        noise = fused.noise(actions, generator)
+        values, tape = fused.forward(states, actions, noise, grad, groups=groups)
         ctx.fused, ctx.tape, ctx.n_state = fused, tape, states.shape[-1]
         ctx.save_for_backward(actions)
         return values
@@ -421,9 +575,14 @@ class _FusedQ(torch.autograd.Function):
             )
         (actions,) = ctx.saved_tensors
         g = ctx.fused.backward(ctx.tape, actions, ctx.n_state) * grad[:, None]
-        return g, None, None, None
+        return g, None, None, None, None
 
 
-def fused_q(fused: FusedRollout, states: Tensor, actions: Tensor, generator) -> Tensor:
-    """Q̂_MB [N] for rows states [N, S] and first actions [N, A] (gradient to the actions only)."""
-    return _FusedQ.apply(actions, fused, states, generator)
+def fused_q(
+    fused: FusedRollout, states: Tensor, actions: Tensor, generator, groups: int = 1
+) -> Tensor:
+    """Q̂_MB [N] for rows states [N, S] and first actions [N, A] (gradient to the actions only).
+
+    Row k·B + b is sample k of state b, K = ``groups``.
+    """
+    return _FusedQ.apply(actions, fused, states, generator, groups)

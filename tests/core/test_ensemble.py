@@ -24,7 +24,7 @@ def _ensemble(E=5, dtype=torch.float64, seed=0):
     return dyn.to(dtype).requires_grad_(False), rew.to(dtype).requires_grad_(False)
 
 
-@pytest.mark.parametrize("K", [10, 7])  # E divides K (regrouped rows) or not (gathered rows)
+@pytest.mark.parametrize("K", [10, 7])  # E divides K (regrouped rows) or not (zero rows padded)
 def test_fixed_propagation_follows_member_k_mod_e(K):
     dyn, rew = _ensemble()
     B = 4

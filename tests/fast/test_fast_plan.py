@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import randomize, tiny_model_value
+from conftest import randomize, tiny_model_value, with_ensemble
 
 import mbplan
 from mbplan.distributions import TanhNormal
@@ -10,8 +10,10 @@ from mbplan.fast.fast_plan import FastIterativePlan, value_and_grad
 from mbplan.objective import AnchoredObjective
 
 
-def _setup(dtype=torch.float64, horizon=3, alpha=0.1):
+def _setup(dtype=torch.float64, horizon=3, alpha=0.1, ensemble=None):
     value = randomize(tiny_model_value(horizon, dtype=dtype, alpha=alpha))
+    if ensemble is not None:  # (E, propagation, κ)
+        value = with_ensemble(value, *ensemble)
     objective = mbplan.make_objective(value, alpha=alpha, n_samples=4, state_dim=3, action_dim=2)
     planner = mbplan.make_planner("iterative", state_dim=3, action_dim=2, hidden=16).to(dtype)
     with torch.no_grad():  # a non-trivial optimizer (its last layer starts at zero)
@@ -47,6 +49,15 @@ def test_fast_plan_equals_the_planner_loop(alpha, trust):
     assert FastIterativePlan.applies(objective, states) is not None
     out = _assert_same_plan(planner, objective, states, init, FastIterativePlan(planner), 1e-9)
     assert (out.trace.loc[-1] != out.trace.loc[0]).any()  # the plan moved
+
+
+@pytest.mark.parametrize("ensemble", [(2, "fixed", 0.0), (3, "fixed", 0.5), (2, "mean", 0.0)])
+def test_fast_plan_on_an_ensemble_equals_the_planner_loop(ensemble):
+    objective, planner, states = _setup(ensemble=ensemble)
+    fused = FastIterativePlan.applies(objective, states)
+    assert fused is not None and fused.n_members == ensemble[0]
+    out = _assert_same_plan(planner, objective, states, None, FastIterativePlan(planner), 1e-9)
+    assert (out.trace.loc[-1] != out.trace.loc[0]).any()
 
 
 def test_fast_plan_gradient_ignores_non_finite_values_of_clamped_samples(monkeypatch):
@@ -96,14 +107,17 @@ def test_fast_plan_rejects_bad_input():
 
 
 @pytest.mark.slow
-def test_compiled_fast_plan_equals_the_planner_loop():
+@pytest.mark.parametrize("ensemble", [None, (2, "fixed", 0.0)])
+def test_compiled_fast_plan_equals_the_planner_loop(ensemble):
     """torch.compile of one round (inductor, float32): equal to rounding, and one graph."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     # α as a tensor, as checkpoints hold it: its float() must stay out of the compiled code
-    objective, planner, states = _setup(dtype=torch.float32, horizon=2, alpha=torch.tensor(0.1))
+    objective, planner, states = _setup(
+        dtype=torch.float32, horizon=2, alpha=torch.tensor(0.1), ensemble=ensemble
+    )
     fast = FastIterativePlan(planner, compile=True)
     _assert_same_plan(planner, objective, states, None, fast, 1e-3)
     assert not counters["graph_break"], dict(counters["graph_break"])

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import randomize, tiny_model_value
+from conftest import randomize, tiny_model_value, with_ensemble
 
 from mbplan.model_value import ModelValue
 from mbplan.models.dynamics import EulerSpec
@@ -42,6 +42,34 @@ def test_fused_rollout_equals_the_autograd_rollout(horizon, lam, members, beta, 
     value = randomize(tiny_model_value(horizon, lam=lam, members=members, beta=beta, alpha=alpha))
     _assert_fused_equals_reference(value)
     assert value.fused_rollout is not None  # the fused path ran
+
+
+@pytest.mark.parametrize(
+    ("members", "propagation", "kappa", "horizon", "mode"),
+    [
+        (3, "fixed", 0.0, 3, "split"),  # E divides K = 6: member e runs its samples' rows only
+        (4, "fixed", 0.0, 2, "select"),  # E does not divide K
+        (3, "fixed", 0.5, 3, "select"),  # κ > 0: every member on every row
+        (3, "mean", 0.0, 2, "mean"),
+        (2, "mean", 0.7, 4, "mean"),
+        (1, "fixed", 0.3, 2, "one"),  # one member: no disagreement, κ has no effect
+    ],
+)
+def test_fused_ensemble_rollout_equals_the_autograd_rollout(
+    members, propagation, kappa, horizon, mode
+):
+    value = with_ensemble(randomize(tiny_model_value(horizon)), members, propagation, kappa)
+    _assert_fused_equals_reference(value)
+    assert value.fused_rollout is not None and value.fused_rollout.mode(6) == mode
+
+
+def test_fused_ensemble_rollout_follows_propagation_and_kappa_changes():
+    value = with_ensemble(randomize(tiny_model_value(2)), 3)
+    fixed = _value_and_grad(value)
+    value.propagation, value.kappa = "mean", 0.4  # rebuilt for the new settings
+    _assert_fused_equals_reference(value)
+    assert value.fused_rollout.settings.kappa == 0.4
+    assert not torch.allclose(_value_and_grad(value)[0], fixed[0])
 
 
 def test_fused_rollout_follows_weight_changes_and_swaps():
