@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Regenerates every figure of docs/figures.md from the bundled default checkpoint (or CKPT=RUN),
-# with mbplan's own subcommands, on this 2-core CPU in under 30 minutes. Each step prints its wall
-# time; the data files (CSV/JSON) land beside the figures.
+# with mbplan's own subcommands, on this 2-core CPU in about 45–55 minutes (one thread; the
+# expected cost of each step is in the comment above it, measured or extrapolated on a busy
+# 2-core machine). Each step prints its wall time; the data files (CSV/JSON) land beside the
+# figures. `bench iterations` (the longest step) keeps every finished episode in
+# $OUT/iterations/bench-iterations-episodes.json: rerunning the script after an interruption
+# skips the episodes already there.
 #
 #   bash benchmarks/reproduce.sh                 # into docs/figures
 #   OUT=/tmp/figs THREADS=2 bash benchmarks/reproduce.sh
 #
 # Sizes are chosen for the CPU budget and are stated in docs/figures.md; the model-based runs use
 # fewer states than the model-free ones because one Ĵ_MB evaluation (H = 5) costs ~10× more.
+# Fair controls (the defaults of the bench commands): every state set is spread over 5 episodes
+# (--state-episodes 5); Adam's step size is swept over {0.01, 0.03, 0.1, 0.3, 1, 3}; the direct
+# policy's gap is also measured after fine-tuning it on the same frozen Ĵ; the test-time
+# iterations run 10 episodes of 1000 steps per contender.
 set -euo pipefail
 OUT=${OUT:-docs/figures}
 THREADS=${THREADS:-1}
@@ -24,17 +32,27 @@ step() {
 
 mkdir -p "$OUT"
 # Fig. 4c / 13: planner efficiency on the same frozen objectives.
+# ~80 s (was 70 s; + ~5 s drawing the states from 5 episodes per set, + ~2 s for Adam lr 1 and 3).
 step bench planners --objective model-free --states 100 --iters 250 --out "$OUT/planners-mf"
+# ~6.5 min (was 370 s; + ~5 s states, + ~3 s for the two extra Adam step sizes: 20 ms/iteration).
 step bench planners --objective model --horizon 5 --states 20 --iters 100 --sweep-states 10 \
   --sweep-iters 50 --out "$OUT/planners-mb"
-# Fig. 6 / 17b: amortization gap.
+# Fig. 6 / 17b: amortization gap of direct, direct fine-tuned on the measured Ĵ, and iterative.
+# ~5.5 min (was 165 s): + fine-tuning 3000 steps × batch 256 (make_default.sh's fit budget of the
+# model-free optimizer; 22–29 ms a step, 65–90 s) + refining a third planner (~90 s).
 step bench gap --objective model-free --states 100 --out "$OUT/gap-mf"
-step bench gap --objective model --horizon 5 --states 20 --out "$OUT/gap-mb"
-# Fig. 15 / 16: extra test-time iterations.
-step bench iterations --objective model-free --episodes 2 --max-steps 200 --out "$OUT/iterations"
-# Fig. 3: value bias.
+# ~15 min (was 554 s): fine-tuning on Ĵ_MB costs 0.34–0.45 s a step at batch 256 (3000 steps would
+# take ~20 min), so 1000 steps at batch 64 (~0.09 s a step, ~1.5–2 min); + refining a third
+# planner (~5 min). Measured with the single-model bundle; an ensemble model costs more per step.
+step bench gap --objective model --horizon 5 --states 20 --finetune-steps 1000 \
+  --finetune-batch 64 --out "$OUT/gap-mb"
+# Fig. 15 / 16: extra test-time iterations, 10 episodes × 1000 steps per contender.
+# ~10–20 min, resumable per episode: per action ~0.5 ms direct, 40–93 ms direct + 50 Adam,
+# 6–12 ms iterative N=5, 10–13 ms N=5+5, plus ~1–2 ms untimed bookkeeping and the env step.
+step bench iterations --objective model-free --episodes 10 --max-steps 1000 --out "$OUT/iterations"
+# Fig. 3: value bias. ≤ 70 s.
 step bench value-bias --betas 0 1 2.5 --episodes 3 --out "$OUT/value-bias"
-# Fig. 2 / 18: multiple estimates.
+# Fig. 2 / 18: multiple estimates (states from 5 episodes). ≤ 70 s.
 step bench modes --objective model-free --states 100 --out "$OUT/modes"
 # Fig. 8b, c: planned trajectories; Fig. 1 / 14: the objective surface.
 step viz plan --planner iterative --horizon 5 --out "$OUT/plan"

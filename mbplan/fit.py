@@ -5,10 +5,14 @@
 * :func:`fit_optimizer` trains a fresh iterative optimizer on a frozen objective
   (``mbplan fit-optimizer``);
 * :func:`distill_direct` distils a direct network from an iterative agent, the future policy of
-  its model rollouts (DESIGN.md §6).
+  its model rollouts (DESIGN.md §6);
+* :func:`finetune_direct` trains a copy of a direct policy on a frozen objective (``bench gap``).
 """
 
 from __future__ import annotations
+
+import copy
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -268,13 +272,59 @@ def fit_optimizer(
         raise ValueError("the objective must know its action_dim")
     planner = IterativePlanner(S, A, n_iters=n_iters)
     generator = torch.Generator().manual_seed(seed)
-
-    def sample_states() -> torch.Tensor:
-        return states[torch.randint(0, states.shape[0], (batch_size,), generator=generator)]
-
-    log = train_amortized(planner, objective, sample_states, steps, lr, generator, on_step=on_step)
+    batches = random_batches(states, batch_size, generator)
+    log = train_amortized(planner, objective, batches, steps, lr, generator, on_step=on_step)
     check_finite_weights("optimizer fit", planner)
     return planner.eval().requires_grad_(False), log.improvements
+
+
+def random_batches(
+    states: Tensor, batch_size: int, generator: torch.Generator
+) -> Callable[[], Tensor]:
+    """A sampler of ``batch_size`` states [B, S] drawn uniformly (with replacement) from [N, S]."""
+
+    def sample() -> Tensor:
+        return states[torch.randint(0, states.shape[0], (batch_size,), generator=generator)]
+
+    return sample
+
+
+def finetune_direct(
+    policy: DirectPlanner,
+    objective: Objective,
+    states: Tensor,
+    steps: int,
+    batch_size: int = 256,
+    lr: float = 3e-4,
+    seed: int = 0,
+    on_step=None,
+) -> tuple[DirectPlanner, list[float]]:
+    """Fine-tune a copy of a direct policy on a frozen objective (SAC's policy loss, −Ĵ(s, f(s))).
+
+    The direct policy of a run was trained against a critic that kept moving; this trains a copy
+    for ``steps`` more Adam steps on ``objective`` itself, as :func:`fit_optimizer` trains an
+    iterative optimizer, so that both amortized planners have seen the objective they are
+    measured on. ``policy`` is left as it was.
+
+    Args:
+        policy: The direct policy (not modified).
+        objective: Ĵ with frozen weights inside.
+        states: Training states [N, S], sampled uniformly in batches.
+        steps: Adam steps.
+        batch_size: States per step.
+        lr: Adam step size.
+        seed: Seed of the batches and of the objective's samples.
+        on_step: Called after each step with (step, loss, mean improvement).
+
+    Returns:
+        (the fine-tuned copy, its loss per step).
+    """
+    student = copy.deepcopy(policy).train().requires_grad_(True)
+    generator = torch.Generator().manual_seed(seed)
+    batches = random_batches(states, batch_size, generator)
+    log = train_amortized(student, objective, batches, steps, lr, generator, on_step=on_step)
+    check_finite_weights("fine-tuning", student)
+    return student.eval().requires_grad_(False), log.losses
 
 
 def distill_direct(

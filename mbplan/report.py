@@ -28,6 +28,8 @@ from mbplan.objective import Objective
 from mbplan.options import option
 
 OBJECTIVE_KINDS = ("model-free", "model")
+#: Episodes the benchmarks draw their on-policy states from (``--state-episodes``).
+STATE_EPISODES = 5
 
 
 @dataclass
@@ -39,6 +41,15 @@ class CommonOptions:
     svg: bool = option(False, "also write the figure as SVG")
     seed: int = option(0, "seed of env resets and sampling noise")
     threads: int = option(1, "torch CPU threads (0 = one per core)")
+
+
+@dataclass
+class StateOptions(CommonOptions):
+    """Common options plus where :func:`on_policy_states` draws the states from."""
+
+    state_episodes: int = option(
+        STATE_EPISODES, "episodes of the direct policy the on-policy states are spread over"
+    )
 
 
 def load(opts: CommonOptions) -> Setup:
@@ -81,7 +92,12 @@ class Trajectory:
 
 
 def run_policy(
-    setup, n_steps: int, seed: int = 0, stochastic: bool = False, env_id: str | None = None
+    setup,
+    n_steps: int,
+    seed: int = 0,
+    stochastic: bool = False,
+    env_id: str | None = None,
+    episodes: int | None = None,
 ) -> Trajectory:
     """Run the direct policy (else the iterative agent) in the real env for ``n_steps`` steps.
 
@@ -91,6 +107,7 @@ def run_policy(
         seed: Episode e is reset with seed + e; sampling (``stochastic``) is seeded too.
         stochastic: Act with samples of π instead of tanh(μ).
         env_id: Env to run (default: the run's).
+        episodes: Stop earlier, once this many episodes have ended.
     """
     env = make_env(env_id or setup.config["env"], seed=seed)
     generator = torch.Generator().manual_seed(seed)
@@ -118,6 +135,8 @@ def run_policy(
         t += 1
         if terminated or truncated:
             episode, t = episode + 1, 0
+            if episodes is not None and episode >= episodes:
+                break
             obs, _ = env.reset(seed=seed + episode)
     env.close()
     return Trajectory(
@@ -130,11 +149,65 @@ def run_policy(
     )
 
 
-def on_policy_states(setup, n_states: int, seed: int = 0, stride: int = 5) -> torch.Tensor:
-    """``n_states`` real states [N, S] visited by the direct policy, every ``stride``-th step."""
+def spread_indices(lengths: Sequence[int], n: int) -> list[tuple[int, int]]:
+    """``n`` (episode, t) pairs spread evenly over episodes of ``lengths`` steps and over time.
+
+    Episodes take turns, so their counts differ by at most one (the first episodes take the
+    extra ones) unless an episode is too short, whose share then goes to the others. Within an
+    episode of T steps its n_e states sit at the centres of n_e equal stretches:
+    t_j = ⌊(j + ½)·T / n_e⌋.
+
+    Raises:
+        UserError: The episodes hold fewer than ``n`` steps in all.
+    """
+    if sum(lengths) < n:
+        raise UserError(f"{len(lengths)} episodes hold {sum(lengths)} states, fewer than {n}")
+    E, counts, e = len(lengths), [0] * len(lengths), 0
+    for _ in range(n):  # round robin over the episodes with steps left
+        while counts[e] >= lengths[e]:
+            e = (e + 1) % E
+        counts[e], e = counts[e] + 1, (e + 1) % E
+    return [
+        (e, int((j + 0.5) * length / count))
+        for e, (length, count) in enumerate(zip(lengths, counts))
+        for j in range(count)
+    ]
+
+
+def on_policy_states(
+    setup, n_states: int, seed: int = 0, episodes: int = STATE_EPISODES
+) -> torch.Tensor:
+    """``n_states`` real states [N, S] visited by the direct policy, from several whole episodes.
+
+    Runs min(``episodes``, N) episodes to their end (episode e reset with seed + e) and picks the
+    states by :func:`spread_indices`: evenly over the episodes and over time within each. The
+    same arguments give the same states; sets drawn with seeds further apart than ``episodes``
+    share no episode.
+
+    Raises:
+        UserError: ``n_states`` or ``episodes`` below 1, or episodes too short to hold N states.
+    """
     if n_states < 1:
         raise UserError(f"--states must be >= 1, got {n_states}")
-    return run_policy(setup, n_states * stride, seed).states[::stride][:n_states]
+    if episodes < 1:
+        raise UserError(f"--state-episodes must be >= 1, got {episodes}")
+    E = min(episodes, n_states)
+    limit = int(setup.config["env_spec"].get("max_episode_steps") or 1000)
+    traj = run_policy(setup, E * limit, seed, episodes=E)
+    lengths = torch.bincount(traj.episode, minlength=E)[:E]  # (E,) steps per episode
+    starts = torch.cumsum(lengths, 0) - lengths  # (E,) index of each episode's first state
+    index = [int(starts[e]) + t for e, t in spread_indices(lengths.tolist(), n_states)]
+    return traj.states[index]  # (N, S)
+
+
+def states_text(n_states: int, episodes: int, seed: int) -> str:
+    """How :func:`on_policy_states` drew its states, for a report line."""
+    E = min(episodes, n_states)
+    seeds = f"seed {seed}" if E == 1 else f"seeds {seed}–{seed + E - 1}"
+    return (
+        f"{n_states} on-policy states from {E} episode{'s' if E > 1 else ''} "
+        f"(resets {seeds}, spread evenly in time)"
+    )
 
 
 # -- outputs --------------------------------------------------------------------------------------

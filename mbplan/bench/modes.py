@@ -1,6 +1,8 @@
 """Policy modes: do independent runs of the iterative optimizer land on the same λ? (Fig. 2, 18).
 
-At each of ``--states`` on-policy states the run's iterative optimizer is run twice from the same
+At each of ``--states`` on-policy states (spread over ``--state-episodes`` episodes of the direct
+policy, or of the agent itself for an iterative run without one; see
+:func:`mbplan.report.on_policy_states`) the run's iterative optimizer is run twice from the same
 λ_0 = (μ = 0, σ = 0.5), with different sampling noise (generators seeded ``seed + 1`` and
 ``seed + 2``). The L2 distance between the two final policy means, ‖tanh(μ_a) − tanh(μ_b)‖ (in
 action space) and ‖μ_a − μ_b‖ (pre-tanh), measures how often noise alone sends the optimizer to a
@@ -18,7 +20,6 @@ import numpy as np
 import torch
 
 from mbplan.distributions import TanhNormal
-from mbplan.envs import make_env
 from mbplan.errors import UserError
 from mbplan.mpc import planner_for
 from mbplan.objective import Objective
@@ -26,7 +27,7 @@ from mbplan.options import option
 from mbplan.planners import Planner
 from mbplan.report import (
     OBJECTIVE_KINDS,
-    CommonOptions,
+    StateOptions,
     format_table,
     load,
     new_figure,
@@ -34,6 +35,7 @@ from mbplan.report import (
     on_policy_states,
     out_path,
     save_figure,
+    states_text,
     write_csv,
 )
 
@@ -41,7 +43,7 @@ COLUMNS = ("state", "l2_mean_action", "l2_loc")
 
 
 @dataclass
-class ModesOptions(CommonOptions):
+class ModesOptions(StateOptions):
     """Options of ``mbplan bench modes``."""
 
     objective: str = option("model-free", "objective Ĵ optimized", choices=OBJECTIVE_KINDS)
@@ -102,39 +104,10 @@ def repeated_runs(
     return torch.stack(samples), torch.stack(means)
 
 
-def visited_states(setup, n_states: int, seed: int, stride: int = 5) -> torch.Tensor:
-    """``n_states`` real states [N, S] on the run's policy, every ``stride``-th step.
-
-    The direct (future) policy's states via :func:`mbplan.report.on_policy_states` where the run
-    has one; an iterative run without a distilled direct network acts with its own optimizer.
-    """
-    try:
-        setup.future_policy()
-    except UserError:
-        pass
-    else:
-        return on_policy_states(setup, n_states, seed, stride)
-
-    env = make_env(setup.config["env"], seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    states, episode, t = [], 0, 0
-    obs, _ = env.reset(seed=seed)
-    while len(states) < n_states:
-        if t % stride == 0:
-            states.append(torch.as_tensor(obs, dtype=torch.float32))
-        obs, _, terminated, truncated, _ = env.step(setup.agent.act(obs, True, generator))
-        t += 1
-        if terminated or truncated:
-            episode, t = episode + 1, 0
-            obs, _ = env.reset(seed=seed + episode)
-    env.close()
-    return torch.stack(states)  # (N, S)
-
-
 def _check(opts: ModesOptions, action_dim: int, explicit: set[str]) -> list[int]:
     """Validate the options against A; returns the dims to draw (one when A = 1 by default)."""
-    if opts.states < 1 or opts.runs < 1 or opts.action_samples < 1:
-        raise UserError("--states, --runs and --action-samples must be >= 1")
+    if min(opts.states, opts.runs, opts.action_samples, opts.state_episodes) < 1:
+        raise UserError("--states, --runs, --action-samples and --state-episodes must be >= 1")
     if not 0 <= opts.state_index < opts.states:
         raise UserError(
             f"--state-index {opts.state_index} out of range: there are {opts.states} states"
@@ -171,7 +144,7 @@ def run(opts: ModesOptions, explicit: set[str] | None = None) -> None:
     source = next((k for k, p in setup.optimizers.items() if p is planner), "agent's own")
     objective = objective_for(setup, opts.objective, opts.horizon, opts.samples or None)
     iters = opts.iters or None
-    states = visited_states(setup, opts.states, opts.seed)  # (N, S)
+    states = on_policy_states(setup, opts.states, opts.seed, opts.state_episodes)  # (N, S)
 
     l2_action, l2_loc = pairwise_distances(planner, objective, states, iters, opts.seed)
     samples, means = repeated_runs(
@@ -200,7 +173,8 @@ def run(opts: ModesOptions, explicit: set[str] | None = None) -> None:
     ]
     print(
         f"policy modes on {setup.config['env']}: iterative optimizer ({source}, {n_iters} "
-        f"iterations) on the {opts.objective} objective, two runs per state with different noise"
+        f"iterations) on the {opts.objective} objective, two runs per state with different "
+        f"noise; {states_text(len(states), opts.state_episodes, opts.seed)}"
     )
     print(format_table(summary))
     print(

@@ -14,16 +14,21 @@ sweep, and both are reported:
 * fixed: ``--adam-lr`` (default 1e-2, the reference analysis's) and ``--cem-lr`` (default 0.9,
   mbplan's default; the reference analysis used 0.01). The row's setting names which it is:
   ``reference`` (the reference analysis's step size), ``default`` (mbplan's) or ``fixed``.
-* tuned: the best of ``--adam-lrs`` (1e-2, 3e-2, 1e-1, 3e-1) and ``--cem-lrs`` (0.01, 0.1, 0.5,
-  0.9), chosen on held-out states: a second on-policy set of ``--sweep-states`` states from
-  episodes reset with seed + :data:`SWEEP_SEED_OFFSET` (the evaluation episodes use seed, seed + 1,
-  …, so the two sets never share an episode); the sweep's sampling noise is seeded the same way.
+* tuned: the best of ``--adam-lrs`` (1e-2, 3e-2, 0.1, 0.3, 1, 3; the tuned value was at the
+  top of the earlier grid, which ended at 0.3) and ``--cem-lrs`` (0.01, 0.1, 0.5, 0.9), chosen on
+  held-out states: a second on-policy set of ``--sweep-states`` states from episodes reset with
+  seed + :data:`SWEEP_SEED_OFFSET` + e (the evaluation episodes use seed + e, so the two sets never
+  share an episode); the sweep's sampling noise is seeded the same way.
   Criterion: the area under the mean-Ĵ curve per iteration over ``--sweep-iters`` iterations,
   i.e. the mean of mean_B Ĵ(s, λ_k) over k = 1 … I (:func:`sweep_score`). It rewards reaching a
   high Ĵ early, which is what iterations-to-target measures, penalises a late collapse, and is
   less noisy than the single final estimate. A non-finite value scores −inf (the worst); ties go
   to the earlier step size. A tuned step size equal to the fixed one is run once and reported in
-  both rows.
+  both rows. The report names the winner of each sweep and flags a winner at either end of its
+  grid (:func:`grid_edge`): the best step size may then lie outside the grid.
+
+States: both sets are spread over ``--state-episodes`` episodes of the direct policy and over time
+within each (:func:`mbplan.report.on_policy_states`).
 
 Ĵ per iterate is the planner's own estimate from its trace (:class:`~mbplan.planners.PlanTrace`):
 K fresh samples per state (CEM: its population), averaged over the states. Seconds are the
@@ -49,7 +54,7 @@ from mbplan.options import option
 from mbplan.planners import Planner, PlanTrace, make_planner
 from mbplan.report import (
     OBJECTIVE_KINDS,
-    CommonOptions,
+    StateOptions,
     format_table,
     load,
     new_figure,
@@ -57,6 +62,7 @@ from mbplan.report import (
     on_policy_states,
     out_path,
     save_figure,
+    states_text,
     write_csv,
 )
 
@@ -75,8 +81,8 @@ STEM = "bench-planners"
 REFERENCE_ITERS = 5
 #: Step sizes of the reference analysis (what the paper compared against).
 REFERENCE_LR = {"adam": 1e-2, "cem": 0.01}
-#: Step sizes swept (DESIGN.md §4).
-SWEEP_LRS = {"adam": (1e-2, 3e-2, 1e-1, 3e-1), "cem": (0.01, 0.1, 0.5, 0.9)}
+#: Step sizes swept (DESIGN.md §4; Adam's grid extended up to 3: 0.3, the earlier top, won).
+SWEEP_LRS = {"adam": (1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0), "cem": (0.01, 0.1, 0.5, 0.9)}
 #: Held-out states and sweep noise use seed + this (episodes disjoint from the evaluation's).
 SWEEP_SEED_OFFSET = 10_000
 
@@ -84,7 +90,7 @@ K = TypeVar("K", bound=Hashable)
 
 
 @dataclass
-class PlannersOptions(CommonOptions):
+class PlannersOptions(StateOptions):
     """Options of ``mbplan bench planners``."""
 
     objective: str = option("model", "objective Ĵ every planner optimizes", choices=OBJECTIVE_KINDS)
@@ -109,7 +115,9 @@ class PlannersOptions(CommonOptions):
         "also run adam and cem at the best step size of a sweep on held-out states (default: on)",
     )
     sweep_states: int = option(
-        20, f"held-out on-policy states of the sweep (episodes seeded seed + {SWEEP_SEED_OFFSET})"
+        20,
+        f"held-out on-policy states of the sweep (episodes reset with seed + {SWEEP_SEED_OFFSET} "
+        "+ e)",
     )
     sweep_iters: int = option(0, "iterations of each sweep run (0 = --iters)")
     adam_lrs: list[float] = option(
@@ -288,6 +296,30 @@ def tune(
     return points
 
 
+def grid_edge(points: Sequence[SweepPoint]) -> str:
+    """``lowest`` or ``highest`` when the chosen step size is that end of a grid of ≥ 2, else ''."""
+    lrs = [p.lr for p in points]
+    chosen = next(p.lr for p in points if p.chosen)
+    if len(set(lrs)) < 2:
+        return ""
+    return "lowest" if chosen == min(lrs) else "highest" if chosen == max(lrs) else ""
+
+
+def sweep_verdict(points: Sequence[SweepPoint]) -> str:
+    """One line: which step size won a sweep, flagged when it sits at an end of the grid."""
+    best = next(p for p in points if p.chosen)
+    grid = ", ".join(f"{p.lr:g}" for p in points)
+    line = f"{best.planner}: lr {best.lr:g} won (score {best.score:.4g}) of {{{grid}}}"
+    edge = grid_edge(points)
+    if edge:
+        cap = " (at most 1)" if best.planner == "cem" else ""
+        line += (
+            f"; WARNING: it is the {edge} step size of the grid, so the best one may lie beyond "
+            f"it: extend --{best.planner}-lrs{cap}"
+        )
+    return line
+
+
 def fixed_setting(name: str, lr: float) -> str:
     """What a fixed step size of ``name`` is: ``reference``, ``default`` (mbplan's) or ``fixed``."""
     if math.isclose(lr, REFERENCE_LR[name]):
@@ -425,6 +457,8 @@ def _check(opts: PlannersOptions) -> None:
         raise UserError("--planners must include iterative (the reference)")
     if opts.sweep_states < 1 or opts.sweep_iters < 0:
         raise UserError("--sweep-states must be >= 1 and --sweep-iters >= 0 (0 = --iters)")
+    if opts.state_episodes < 1:
+        raise UserError("--state-episodes must be >= 1")
     if opts.adam_lr <= 0 or not opts.adam_lrs or min(opts.adam_lrs) <= 0:
         raise UserError("--adam-lr and --adam-lrs (at least one) must be > 0")
     cem = [opts.cem_lr, *opts.cem_lrs]
@@ -443,10 +477,11 @@ def run(opts: PlannersOptions) -> None:
     kinds = [k for k in (opts.objective, *setup.optimizers) if k in setup.optimizers]
     fitted = f"fitted on {kinds[0]}" if kinds else "the agent's own"  # as planner_for picks
     horizon = f", H={opts.horizon}" if opts.objective == "model" else ""
-    states = on_policy_states(setup, opts.states, opts.seed)  # (B, S)
+    states = on_policy_states(setup, opts.states, opts.seed, opts.state_episodes)  # (B, S)
     print(
         f"planners on {setup.config['env']}: objective {opts.objective}{horizon}, "
-        f"{states.shape[0]} on-policy states, K={objective.n_samples}, budget {opts.iters} "
+        f"{states_text(states.shape[0], opts.state_episodes, opts.seed)}, "
+        f"K={objective.n_samples}, budget {opts.iters} "
         f"iterations, seed {opts.seed}; iterative optimizer: {fitted}",
         flush=True,
     )
@@ -457,12 +492,13 @@ def run(opts: PlannersOptions) -> None:
     if tuned:
         sweep_seed = opts.seed + SWEEP_SEED_OFFSET
         sweep_iters = opts.sweep_iters or opts.iters
-        held_out = on_policy_states(setup, opts.sweep_states, sweep_seed)  # (B', S)
+        held_out = on_policy_states(setup, opts.sweep_states, sweep_seed, opts.state_episodes)
         for name in tuned:
             sweeps[name] = tune(objective, held_out, name, grids[name], sweep_iters, sweep_seed)
         print(
-            f"sweep on {held_out.shape[0]} held-out on-policy states (episodes seeded "
-            f"{sweep_seed}+), {sweep_iters} iterations; score = mean Ĵ over iterates "
+            f"sweep on held-out states: "
+            f"{states_text(held_out.shape[0], opts.state_episodes, sweep_seed)}; "
+            f"{sweep_iters} iterations; score = mean Ĵ over iterates "
             f"1..{sweep_iters} (area under the curve); the best is run on the evaluation states:"
         )
         table = [
@@ -476,7 +512,9 @@ def run(opts: PlannersOptions) -> None:
             for pts in sweeps.values()
             for p in pts
         ]
-        print(format_table(table), flush=True)
+        print(format_table(table))
+        for points in sweeps.values():
+            print(sweep_verdict(points), flush=True)
 
     # Run every planner on the evaluation states
     planners: dict[Entry, Planner] = {}

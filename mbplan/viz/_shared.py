@@ -1,8 +1,10 @@
 """What the ``viz`` commands share: an on-policy state by index, the real env continued from it.
 
-The on-policy states are those of :func:`mbplan.report.on_policy_states`: every 5th state visited
-by the run's direct policy (tanh μ) from ``reset(seed)``. State ``i`` is reached again by replaying
-the recorded actions from the reset of its episode, so the real env can continue from it.
+The on-policy states here are every 5th state visited by the run's direct policy (tanh μ) from
+``reset(seed)``, one episode after another (the benchmarks'
+:func:`mbplan.report.on_policy_states` spread theirs over several episodes instead). State ``i`` is
+reached again by replaying the recorded actions from the reset of its episode, so the real env
+can continue from it.
 
 Shapes: S state dims · A action dims · T steps.
 """
@@ -18,7 +20,7 @@ from torch import Tensor
 from mbplan.errors import UserError
 from mbplan.report import run_policy
 
-#: On-policy states are every STRIDE-th step (the default of ``on_policy_states``).
+#: On-policy states are every STRIDE-th step.
 STRIDE = 5
 
 
@@ -46,7 +48,7 @@ def n_states(setup) -> int:
 
 
 def real_state(setup, index: int, seed: int) -> RealState:
-    """On-policy state ``index`` (equal to ``on_policy_states(setup, index + 1, seed)[index]``).
+    """On-policy state ``index``: step ``index · STRIDE`` of the direct policy from ``reset(seed)``.
 
     Raises:
         UserError: ``index`` outside [0, :func:`n_states`).

@@ -1,7 +1,11 @@
-"""``mbplan bench value-bias`` and ``mbplan bench modes`` on the bundled default (subprocess)."""
+"""``mbplan bench value-bias`` and ``mbplan bench modes`` on the bundled default (subprocess),
+and the on-policy states every bench draws (in process)."""
 
 import pytest
+import torch
 from cli_helpers import ok, one_line_error, read_csv, run_cli, valid_png
+
+from mbplan.report import CommonOptions, load, on_policy_states, run_policy, spread_indices
 
 pytestmark = [pytest.mark.mujoco, pytest.mark.slow]
 
@@ -22,6 +26,7 @@ def test_modes(tmp_path):
     out = ok(run_cli("bench", "modes", "--out", tmp_path, "--states", 4, "--runs", 3,
                      "--action-samples", 20, "--state-index", 1))  # fmt: skip
     assert "mean" in out and "median" in out
+    assert "4 on-policy states from 4 episodes (resets seeds 0–3" in out
     rows = read_csv(tmp_path / "modes.csv", ["state", "l2_mean_action", "l2_loc"])
     assert len(rows) == 4 and all(float(r["l2_mean_action"]) >= 0 for r in rows)
     valid_png(tmp_path / "modes.png")
@@ -29,3 +34,19 @@ def test_modes(tmp_path):
 
 def test_modes_state_index_out_of_range(tmp_path):
     one_line_error(run_cli("bench", "modes", "--out", tmp_path, "--states", 3, "--state-index", 3))
+
+
+def test_on_policy_states_spread_over_episodes():
+    torch.set_num_threads(1)
+    setup = load(CommonOptions(threads=1))
+    states = on_policy_states(setup, 12, seed=3, episodes=5)  # (12, S)
+    traj = run_policy(setup, 5 * 1000, seed=3, episodes=5)
+    assert int(traj.episode.max()) == 4  # stopped after the 5th episode
+    lengths = torch.bincount(traj.episode).tolist()
+    starts = [sum(lengths[:e]) for e in range(5)]
+    expected = [starts[e] + t for e, t in spread_indices(lengths, 12)]
+    assert torch.equal(states, traj.states[expected])
+    assert torch.equal(states, on_policy_states(setup, 12, seed=3, episodes=5))  # seeded
+    other = on_policy_states(setup, 12, seed=3 + 5, episodes=5)  # the next 5 episodes
+    assert not (torch.cdist(states, other) < 1e-6).any()  # disjoint
+    assert on_policy_states(setup, 2, seed=3, episodes=5).shape[0] == 2  # one per episode
