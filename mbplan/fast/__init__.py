@@ -11,8 +11,9 @@ Each twin, its plain path, and the float64 test that proves them equal:
 
 * ``fused_sac.direct_update_grads``: the direct model-free update with hand-written gradients.
   Plain: ``Agent._autograd_grads``. Test: ``tests/fast/test_fused_sac.py``.
-* ``fused_value.FusedRollout``: Q̂_MB rollout + Retrace with a hand-written input gradient.
-  Plain: the ``ModelValue`` loop through autograd. Test: ``tests/fast/test_fused_value.py``.
+* ``fused_value.FusedRollout``: Q̂_MB rollout + Retrace with a hand-written input gradient, for
+  one model or an ensemble (each propagation, κ). Plain: the ``ModelValue`` loop through autograd.
+  Test: ``tests/fast/test_fused_value.py``.
 * ``fast_plan.FastIterativePlan``: the iterative planner's whole plan on Ĵ_MB as one (compiled)
   function. Plain: ``IterativePlanner.plan``. Test: ``tests/fast/test_fast_plan.py``.
 * critic nodes ``_EnsembleHead`` and ``_FrozenActionGrad`` (``mbplan.models.critic``).
