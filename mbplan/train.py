@@ -5,6 +5,12 @@ The agent's value is model-free (the critics) or model-based (H-step rollouts, -
 A run folder holds ``config.json`` (every option and the mbplan version), ``metrics.jsonl`` (one
 JSON object per line) and checkpoints (``ckpt-<step>/``: weights, optimizer state, replay buffer and
 RNG state in safetensors, counters in JSON). ``resume`` continues from the newest completed one.
+
+Each evaluation also logs ``policy_kl``, the rate of policy change (paper Fig. 3): the mean
+KL(π_previous ‖ π_now) between the policies λ of successive evaluations on a fixed set of states
+(the first :data:`POLICY_STATES` states of the replay at the first evaluation: the warm-up's,
+the same after a resume). It is null at the first evaluation of a process (a resumed run has no
+previous policy in memory).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from mbplan.checkpoint import (
     run_lock,
     save_checkpoint,
 )
+from mbplan.distributions import TanhNormal, kl_between
 from mbplan.envs import check_env_matches, env_spec, make_env, render_frame, write_video
 from mbplan.errors import UserError
 from mbplan.fast.malloc import tune_malloc
@@ -103,6 +110,9 @@ def check_memory(opts: TrainOptions, S: int, A: int, available: int | None = Non
 
 # -- evaluation ----------------------------------------------------------------------------------
 
+#: States on which successive evaluations' policies are compared (``policy_kl``).
+POLICY_STATES = 256
+
 
 def evaluate(
     agent: Agent,
@@ -165,6 +175,8 @@ class Trainer:
         self.run_dir = Path(opts.out)
         self._lock: contextlib.AbstractContextManager | None = None
         self._stop_requested = False
+        self._last_policy: TanhNormal | None = None  # λ on the fixed states at the last evaluation
+        self._policy_states: torch.Tensor | None = None  # those states, [n, S]
         self._acquire()  # one writer per run folder, from here until run() ends or close()
         try:
             self._build(resume)
@@ -318,6 +330,22 @@ class Trainer:
         if self._wandb is not None:
             self._wandb.log(record, step=record.get("step"))
 
+    def policy_change(self) -> float | None:
+        """Mean KL(π_previous ‖ π_now) on the fixed states since the last call (None at the first).
+
+        The iterative agent's λ is its final iterate, planned with a fixed generator so that two
+        evaluations differ only by the weights.
+        """
+        if self._policy_states is None:  # fixed at the process's first evaluation
+            n = min(POLICY_STATES, len(self.buffer))
+            self._policy_states = self.buffer.data["states"][:n].to(self.device)  # (n, S)
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        policy = self.agent.policy(self._policy_states, generator)
+        previous, self._last_policy = self._last_policy, policy
+        if previous is None:
+            return None
+        return self._finite("policy_kl", kl_between(previous, policy).mean())
+
     def _model_warmup(self) -> None:
         opts, agent = self.opts, self.agent
         agent.fit_model_normalizers(self.buffer.ordered())
@@ -418,6 +446,7 @@ class Trainer:
                         "eval_return_mean": self.last_eval,
                         "eval_return_std": std,
                         "eval_returns": returns,
+                        "policy_kl": self.policy_change(),
                         "train_seconds": self.train_seconds,
                     }
                 )

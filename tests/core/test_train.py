@@ -122,6 +122,9 @@ def check_smoke_run(opts: TrainOptions, trainer: Trainer, summary: dict) -> None
     for r in evals:
         assert len(r["eval_returns"]) == opts.eval_episodes
         assert math.isfinite(r["eval_return_mean"]) and r["eval_return_mean"] > 0
+    # The rate of policy change: none before the first evaluation, then a KL the updates moved
+    assert evals[0]["policy_kl"] is None
+    assert math.isfinite(evals[1]["policy_kl"]) and evals[1]["policy_kl"] > 0
     assert summary["last_eval"] == evals[-1]["eval_return_mean"]
     assert any("episode_return" in r for r in records)
 
