@@ -50,8 +50,10 @@ from mbplan.checkpoint import atomic_path, atomic_write_text, run_or_default
 from mbplan.envs import make_env
 from mbplan.errors import UserError
 from mbplan.fast.malloc import tune_malloc
-from mbplan.models.ensemble import PROPAGATIONS
+from mbplan.models.ensemble import PROPAGATIONS, EnsembleDynamics
 from mbplan.mpc import (
+    DEFAULT_KAPPA,
+    DEFAULT_PROPAGATION,
     MPC,
     PLAN_SAMPLES,
     PlanSettings,
@@ -77,8 +79,6 @@ PLANNERS: dict[str, tuple[str, str, int | None]] = {
 }
 #: Model name of the one direct cell (the policy does not use the model).
 ANY = "any"
-#: Settings an existing episode file must share with this invocation to be skipped as done.
-MATCH = ("horizon", "samples", "propagation", "kappa", "max_steps")
 
 
 def parse_models(p: argparse.ArgumentParser, specs: list[str]) -> dict[str, str]:
@@ -208,14 +208,17 @@ def run_grid(p: argparse.ArgumentParser, args, out: Path) -> None:
     done, skipped_mf = 0, set()
     for i, (s, e, name, m, eta) in mine:
         path = episode_path(out, m, name, eta, s, e)
+        setup = setups[first if m == ANY else m]
+        cell_settings = dict(settings)
+        if m == ANY or not isinstance(setup.dynamics, EnsembleDynamics):
+            cell_settings.update(propagation=None, kappa=None)  # no ensemble: they do not apply
         if path.exists():
             old = json.loads(path.read_text())
-            if any(old.get(k) != v for k, v in settings.items()):
-                theirs = {k: old.get(k) for k in settings}
+            if any(old.get(k) != v for k, v in cell_settings.items()):
+                theirs = {k: old.get(k) for k in cell_settings}
                 p.error(f"{path} was run with other settings {theirs}: use another --out")
             done += 1
             continue
-        setup = setups[first if m == ANY else m]
         planner = build_planner(setup, name)
         if planner is None:
             if m not in skipped_mf:
@@ -238,7 +241,7 @@ def run_grid(p: argparse.ArgumentParser, args, out: Path) -> None:
             "episode": e,
             "env_seed": seed,
             "threads": args.threads,
-            **settings,
+            **cell_settings,
             **row,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -268,6 +271,8 @@ def aggregate(out: Path) -> list[dict[str, Any]]:
                 "model": model,
                 "trust": trust,
                 "planner": planner,
+                "propagation": eps[0].get("propagation"),
+                "kappa": eps[0].get("kappa"),
                 "init": eps[0]["init"],
                 "iters": eps[0]["iters"],
                 "horizon": eps[0]["horizon"],
@@ -292,6 +297,13 @@ def fmt(x: float, spec: str) -> str:
     return "n/a" if math.isnan(x) else format(x, spec)
 
 
+def model_label(row: dict[str, Any]) -> str:
+    """The model's name, with an ensemble's propagation and κ."""
+    if row.get("propagation") is None:
+        return row["model"]
+    return f"{row['model']} ({row['propagation']}, κ={row['kappa']:g})"
+
+
 def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
     """``head_to_head.csv`` and ``head_to_head.md``."""
     with atomic_path(out / "head_to_head.csv") as tmp, open(tmp, "w", newline="") as f:
@@ -309,7 +321,7 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['trust']:g} | {r['planner']} | {r['init']} | "
+            f"| {model_label(r)} | {r['trust']:g} | {r['planner']} | {r['init']} | "
             f"{r['iters']} | {r['horizon']} | {r['episodes']} × {r['steps']:.0f} | "
             f"{r['return_mean']:.1f} ± {fmt(r['return_sd'], '.1f')} | {r['return_worst']:.1f} | "
             f"{r['ms_per_action']:.1f} | {fmt(r['transitions_per_action'], ',.0f')} |"
@@ -400,8 +412,15 @@ def main() -> None:
         help="run only these planners (the tables list every finished episode)",
     )
     p.add_argument("--horizon", type=int, default=5)
-    p.add_argument("--propagation", default="fixed", choices=PROPAGATIONS, help="ensemble models")
-    p.add_argument("--kappa", type=float, default=0.0, help="ensemble models: pessimism κ")
+    p.add_argument(
+        "--propagation",
+        default=DEFAULT_PROPAGATION,
+        choices=PROPAGATIONS,
+        help="ensemble models (default: mbplan plan's)",
+    )
+    p.add_argument(
+        "--kappa", type=float, default=DEFAULT_KAPPA, help="ensemble models: pessimism κ"
+    )
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--episodes", type=int, default=3, help="episodes per seed")
     p.add_argument("--max-steps", type=int, default=1000, help="steps per episode (0 = env limit)")

@@ -164,10 +164,17 @@ def trust_option() -> float:
     )
 
 
+#: How Ĵ_MB rolls out an ensemble model unless a command says otherwise (:data:`PROPAGATIONS`;
+#: chosen by measurement: docs/results.md, "Planning under model uncertainty").
+DEFAULT_PROPAGATION = "fixed"
+#: The ensemble's pessimism κ unless a command says otherwise (measured with the propagation).
+DEFAULT_KAPPA = 0.0
+
+
 def propagation_option() -> str:
     """The ``--propagation`` field of the commands that plan on Ĵ_MB."""
     return option(
-        "fixed",
+        DEFAULT_PROPAGATION,
         "ensemble models: fixed = sample k follows member k mod E for its whole rollout (TS-∞), "
         "mean = the members' mean",
         choices=PROPAGATIONS,
@@ -177,7 +184,7 @@ def propagation_option() -> str:
 def kappa_option() -> float:
     """The ``--kappa`` field of the commands that plan on Ĵ_MB."""
     return option(
-        0.0,
+        DEFAULT_KAPPA,
         "ensemble models: pessimism κ, each model step's reward becomes r̂ − κ·u with u the "
         "members' disagreement on the next state (MOPO-style; 0 = off)",
     )
@@ -212,8 +219,8 @@ def model_objective(
     horizon: int,
     samples: int | None = None,
     lam: float = 0.9,
-    propagation: str = "fixed",
-    kappa: float = 0.0,
+    propagation: str = DEFAULT_PROPAGATION,
+    kappa: float = DEFAULT_KAPPA,
 ) -> tuple[Objective, ModelValue]:
     """Ĵ_MB: H-step rollouts through the run's model, Retrace over its target critics.
 
