@@ -108,7 +108,11 @@ class FastIterativePlan:
         else:
             anchor, eta = dist, 0.0
         round_ = self._function(fused, alpha, rollout_alpha, eta)
-        values, locs, log_scales = [], [dist.loc], [dist.log_scale]
+        # Fresh row-major inputs: a compiled round is specialised to its inputs' strides, and
+        # λ = f(s) arrives as views of the policy's [B, 2A] output, strides (2A, 1), which
+        # ``contiguous()`` keeps at B = 1 (a recompile at an episode's first step)
+        anchor_loc, anchor_log_scale = _row_major(anchor.loc), _row_major(anchor.log_scale)
+        values, locs, log_scales = [], [_row_major(dist.loc)], [_row_major(dist.log_scale)]
         with torch.no_grad():
             for k in range(n_iters):
                 value, loc, log_scale = round_(
@@ -117,8 +121,8 @@ class FastIterativePlan:
                     log_scales[-1],
                     eps0[k],
                     eps_future[k],
-                    anchor.loc,
-                    anchor.log_scale,
+                    anchor_loc,
+                    anchor_log_scale,
                 )
                 values.append(value)
                 locs.append(loc)
@@ -161,6 +165,13 @@ class FastIterativePlan:
 
             self._fns[key] = torch.compile(round_, dynamic=False) if self.compile else round_
         return self._fns[key]
+
+
+def _row_major(x: Tensor) -> Tensor:
+    """x with the strides of a fresh tensor of its shape (a copy only where they differ)."""
+    if x.stride() == torch.empty(x.shape, device="meta").stride():
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def value_and_grad(

@@ -169,7 +169,6 @@ class FusedRollout:
         self.n_model = 2 * n_members  # stacked model members (dynamics, then reward)
         self.n_critics = layers[0].w.shape[0] - self.n_model  # C
         self.delta_std = delta_std  # σ_Δ [S]: the disagreement's units
-        self._views: dict[tuple[int, int], tuple] = {}
         self.policy = [tuple(x.clone() for x in _linear_t(policy.net[i])) for i in (0, 2, 4)]
         self.policy_w = [w.t() for w, _ in self.policy]  # [out, in] for the backward
         self.log_scale_min = policy.bounds.log_scale_min.detach().clone()
@@ -178,6 +177,7 @@ class FusedRollout:
         A = policy.action_dim
         self.kl_const = -A * _LOG_SQRT_2PI - uniform_log_prob(A)  # of log π(a) − log p(a)
         self.ln_shape = [layers[0].w.shape[-1]]
+        self._views = self._member_views()  # (lo, hi) → layers and LayerNorm of members lo:hi
 
     @classmethod
     def from_networks(
@@ -252,15 +252,23 @@ class FusedRollout:
 
     # ---------------------------------------------------------------- stacked trunks
 
-    def _members(self, lo: int, hi: int) -> tuple[list[_Layer], list[tuple[Tensor, Tensor]]]:
-        """The layers and LayerNorm (γ, β) of members lo:hi (views, made once per range)."""
-        key = (lo, hi)
-        if key not in self._views:
-            n_ln = max(0, min(hi, self.n_model) - lo)
+    def _member_views(self) -> dict[tuple[int, int], tuple]:
+        """The layers and LayerNorm (γ, β) of every member range a step runs, as views.
+
+        Made once here (not on first use) so that compiled code never sees this dict change.
+        """
+        M, n_model = self.layers[0].w.shape[0], self.n_model
+        views = {}
+        for lo, hi in ((0, M), (0, n_model), (n_model, M)):  # all, the models, the critics
+            n_ln = max(0, min(hi, n_model) - lo)
             layers = [_Layer(x.w[lo:hi], x.w_t[lo:hi], x.b[lo:hi]) for x in self.layers]
             ln = [(g[lo : lo + n_ln], b[lo : lo + n_ln]) for g, b in self.ln]
-            self._views[key] = (layers, ln)
-        return self._views[key]
+            views[(lo, hi)] = (layers, ln)
+        return views
+
+    def _members(self, lo: int, hi: int) -> tuple[list[_Layer], list[tuple[Tensor, Tensor]]]:
+        """The layers and LayerNorm (γ, β) of members lo:hi (views)."""
+        return self._views[(lo, hi)]
 
     def _trunk(self, x: Tensor, lo: int, hi: int) -> tuple[Tensor, _Trunk]:
         """Members lo:hi on x [N, S+A] (shared) or [hi − lo, n, S+A]: outputs [hi − lo, ·, S]."""
