@@ -4,7 +4,9 @@ HalfCheetah-sized random-weight networks (S = 17, A = 6; the cost does not depen
 twin critic, direct future policy, and either one dynamics/reward model or an ensemble of E
 members, at the same K samples and horizon H. Each round times every variant once, in turn (this
 VM drifts by 10–30 %, so the sides alternate); the table gives the median over rounds of each
-variant's median ms per action and its ratio to the single model.
+variant's median ms per plan (per action at B = 1 state) and its ratio to the single model.
+``--states 1 64`` also plans 64 states at once, where the matmuls have rows enough to be bound by
+arithmetic rather than by reading the weights (an ensemble has E× the model weights).
 
 Variants: the iterative planner through the fused rollout (``mbplan plan``'s default path), the
 same plan as one function (``FastIterativePlan``; ``--compile`` adds the torch.compile'd one, as
@@ -13,7 +15,8 @@ single model and the ensemble with ``fixed`` propagation (member e runs the K/E�
 samples), ``mean`` propagation, and ``fixed`` with pessimism κ > 0 (every member on every row).
 
     python benchmarks/ensemble_latency.py --threads 1 --rounds 5
-    python benchmarks/ensemble_latency.py --threads 1 --rounds 5 --compile --json OUT.json
+    python benchmarks/ensemble_latency.py --threads 1 --rounds 3 --compile --states 1 64 \
+        --json benchmarks/results/ensemble_latency.json
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def objectives(args) -> dict[str, mbplan.Objective]:
 
 def variants(args, objs: dict) -> dict[tuple[str, str], object]:
     """(planner path, model) → a function that plans one action."""
-    state = torch.randn(1, S)
+    state = torch.randn(args.states, S)  # (B, S)
     iterative = mbplan.make_planner("iterative", state_dim=S, action_dim=A).requires_grad_(False)
     mppi = mbplan.make_planner("mppi", state_dim=S, action_dim=A)
     policy = next(iter(objs.values())).q_fn.future_policy
@@ -95,12 +98,37 @@ def variants(args, objs: dict) -> dict[tuple[str, str], object]:
     return fns
 
 
+def time_variants(args, B: int) -> list[dict]:
+    """Every variant planning B states at once: the table rows (ms per plan of B states)."""
+    args.states = B
+    fns = variants(args, objectives(args))
+    for fn in fns.values():  # compile and warm up outside the timed rounds
+        fn()
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in fns}
+    for r in range(args.rounds):
+        for key, fn in fns.items():  # every variant once per round, in turn
+            times[key].append(median_seconds(fn, args.repeats))
+        print(f"B={B}: round {r + 1}/{args.rounds} done", flush=True)
+    print(f"S={S} A={A} H={args.horizon} K={args.samples} E={args.members} I={args.iters}, "
+          f"B={B} state(s) per plan, {args.threads} thread(s); median over {args.rounds} "
+          f"alternating rounds of the median over {args.repeats} calls")  # fmt: skip
+    rows = []
+    for (path, label), ts in times.items():
+        ms = 1e3 * statistics.median(ts)
+        single = 1e3 * statistics.median(times[(path, "single")])
+        rows.append({"states": B, "path": path, "model": label, "ms_per_plan": ms,
+                     "vs_single": ms / single, "rounds_ms": [1e3 * t for t in ts]})  # fmt: skip
+        print(f"{path:24s} {label:20s} {ms:8.2f} ms/plan  {ms / single:5.2f}× single")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--horizon", type=int, default=5)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--members", type=int, default=5)
+    p.add_argument("--states", type=int, nargs="+", default=[1], help="states B planned at once")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per variant per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
@@ -110,26 +138,12 @@ def main() -> None:
     args = p.parse_args()
     tune_malloc()
     torch.set_num_threads(args.threads)
-    fns = variants(args, objectives(args))
-    for fn in fns.values():  # compile and warm up outside the timed rounds
-        fn()
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in fns}
-    for r in range(args.rounds):
-        for key, fn in fns.items():  # every variant once per round, in turn
-            times[key].append(median_seconds(fn, args.repeats))
-        print(f"round {r + 1}/{args.rounds} done", flush=True)
-    print(f"S={S} A={A} H={args.horizon} K={args.samples} E={args.members} I={args.iters}, "
-          f"one state, {args.threads} thread(s); median over {args.rounds} alternating rounds "
-          f"of the median over {args.repeats} calls")  # fmt: skip
-    rows = []
-    for (path, label), ts in times.items():
-        ms = 1e3 * statistics.median(ts)
-        single = 1e3 * statistics.median(times[(path, "single")])
-        rows.append({"path": path, "model": label, "ms_per_action": ms, "vs_single": ms / single,
-                     "rounds_ms": [1e3 * t for t in ts]})  # fmt: skip
-        print(f"{path:24s} {label:20s} {ms:8.2f} ms/action  {ms / single:5.2f}× single")
+    rows, states = [], args.states
+    for B in states:
+        rows += time_variants(args, B)
+
     if args.json:
-        meta = {k: v for k, v in vars(args).items() if k != "json"}
+        meta = {k: v for k, v in vars(args).items() if k != "json"} | {"states": states}
         atomic_write_text(Path(args.json), json.dumps({"settings": meta, "rows": rows}, indent=1))
         print(f"written {args.json}")
 
