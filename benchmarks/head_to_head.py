@@ -18,6 +18,11 @@ Two processes at one thread each share the grid (each takes every other work ite
     nohup python benchmarks/head_to_head.py --shard 1/2 > head_to_head-1.log 2>&1 &
     python benchmarks/head_to_head.py --report               # once both are done (or any time)
 
+or, to join a grid that is already running, a second process from the other end (the two meet in
+the middle; at most the item both reach last runs twice):
+
+    nohup python benchmarks/head_to_head.py --reverse > head_to_head-r.log 2>&1 &
+
 Planners (cost order): direct (the run's policy; one cell for every model and η, keyed ``any``,
 η 0), iterative (the optimizer fitted on the model-based objective, from the policy's λ),
 iterative-mf (the one fitted on the model-free objective, zero-shot on Ĵ_MB, from the policy's λ),
@@ -205,6 +210,8 @@ def run_grid(p: argparse.ArgumentParser, args, out: Path) -> None:
             )
     items = work_items(args, list(setups))
     mine = [(i, item) for i, item in enumerate(items) if i % n_shards == shard]
+    if args.reverse:  # a second process from the other end (they meet in the middle)
+        mine.reverse()
     done, skipped_mf = 0, set()
     for i, (s, e, name, m, eta) in mine:
         path = episode_path(out, m, name, eta, s, e)
@@ -430,6 +437,11 @@ def main() -> None:
         default=(0, 1),
         metavar="I/N",
         help="run only the work items with index %% N == I",
+    )
+    p.add_argument(
+        "--reverse",
+        action="store_true",
+        help="run the work items last first (a second process joining a running grid)",
     )
     p.add_argument("--report", action="store_true", help="only rewrite the tables and figure")
     p.add_argument("--threads", type=int, default=1)
