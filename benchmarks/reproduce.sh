@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates every figure of docs/figures.md from the bundled default checkpoint (or CKPT=RUN),
-# with mbplan's own subcommands, on this 2-core CPU in about 45–55 minutes (one thread; the
-# expected cost of each step is in the comment above it, measured or extrapolated on a busy
-# 2-core machine). Each step prints its wall time; the data files (CSV/JSON) land beside the
+# with mbplan's own subcommands, on this 2-core CPU in about 20 minutes (1192 s with one thread
+# beside one other 1-thread job, on the ensemble default; each step's time from that run is in the
+# comment above it). Each step prints its wall time; the data files (CSV/JSON) land beside the
 # figures. `bench iterations` (the longest step) keeps every finished episode in
 # $OUT/iterations/bench-iterations-episodes.json: rerunning the script after an interruption
 # skips the episodes already there.
@@ -32,23 +32,21 @@ step() {
 
 mkdir -p "$OUT"
 # Fig. 4c / 13: planner efficiency on the same frozen objectives.
-# ~80 s (was 70 s; + ~5 s drawing the states from 5 episodes per set, + ~2 s for Adam lr 1 and 3).
+# 66 s.
 step bench planners --objective model-free --states 100 --iters 250 --out "$OUT/planners-mf"
-# ~6.5 min (was 370 s; + ~5 s states, + ~3 s for the two extra Adam step sizes: 20 ms/iteration).
+# 85 s.
 step bench planners --objective model --horizon 5 --states 20 --iters 100 --sweep-states 10 \
   --sweep-iters 50 --out "$OUT/planners-mb"
 # Fig. 6 / 17b: amortization gap of direct, direct fine-tuned on the measured Ĵ, and iterative.
-# ~5.5 min (was 165 s): + fine-tuning 3000 steps × batch 256 (make_default.sh's fit budget of the
-# model-free optimizer; 22–29 ms a step, 65–90 s) + refining a third planner (~90 s).
+# 142 s, with the fine-tuning: 3000 steps × batch 256 (make_default.sh's fit budget of the
+# model-free optimizer).
 step bench gap --objective model-free --states 100 --out "$OUT/gap-mf"
-# ~15 min (was 554 s): fine-tuning on Ĵ_MB costs 0.34–0.45 s a step at batch 256 (3000 steps would
-# take ~20 min), so 1000 steps at batch 64 (~0.09 s a step, ~1.5–2 min); + refining a third
-# planner (~5 min). Measured with the single-model bundle; an ensemble model costs more per step.
+# 330 s: fine-tuning on Ĵ_MB costs ~0.4 s a step at batch 256 (3000 steps would take ~20 min),
+# so 1000 steps at batch 64.
 step bench gap --objective model --horizon 5 --states 20 --finetune-steps 1000 \
   --finetune-batch 64 --out "$OUT/gap-mb"
 # Fig. 15 / 16: extra test-time iterations, 10 episodes × 1000 steps per contender.
-# ~10–20 min, resumable per episode: per action ~0.5 ms direct, 40–93 ms direct + 50 Adam,
-# 6–12 ms iterative N=5, 10–13 ms N=5+5, plus ~1–2 ms untimed bookkeeping and the env step.
+# 507 s, resumable per episode.
 step bench iterations --objective model-free --episodes 10 --max-steps 1000 --out "$OUT/iterations"
 # Fig. 3: value bias. ≤ 70 s.
 step bench value-bias --betas 0 1 2.5 --episodes 3 --out "$OUT/value-bias"
