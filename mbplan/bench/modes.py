@@ -6,8 +6,13 @@ policy, or of the agent itself for an iterative run without one; see
 λ_0 = (μ = 0, σ = 0.5), with different sampling noise (generators seeded ``seed + 1`` and
 ``seed + 2``). The L2 distance between the two final policy means, ‖tanh(μ_a) − tanh(μ_b)‖ (in
 action space) and ‖μ_a − μ_b‖ (pre-tanh), measures how often noise alone sends the optimizer to a
-different mode of Ĵ. At one state (``--state-index``) it is run ``--runs`` times (run r with
-generator ``seed + 1 + r``) and samples of each final policy are drawn over two action dims.
+different mode of Ĵ. Each final λ is also scored on Ĵ with one fixed draw of ``--eval-samples``
+samples per state (the same draw for both runs), so that separate estimates can be told apart:
+two high-value modes score alike, while an optimizer that was sent astray by its noise scores
+lower than its twin. The summary splits the states at ``--separate`` (L2 between the final mean
+actions) and gives |Ĵ_a − Ĵ_b| for each group. At one state (``--state-index``) it is run
+``--runs`` times (run r with generator ``seed + 1 + r``) and samples of each final policy are
+drawn over two action dims.
 
 Shapes: N states · S state dims · A action dims · R runs · M samples per run.
 """
@@ -39,7 +44,7 @@ from mbplan.report import (
     write_csv,
 )
 
-COLUMNS = ("state", "l2_mean_action", "l2_loc")
+COLUMNS = ("state", "l2_mean_action", "l2_loc", "objective_a", "objective_b")
 
 
 @dataclass
@@ -55,6 +60,10 @@ class ModesOptions(StateOptions):
     iters: int = option(0, "optimizer iterations (0 = its own N)")
     samples: int = option(0, "samples K per state in Ĵ (0 = 10)")
     horizon: int = option(2, "model rollout horizon H (--objective model)")
+    eval_samples: int = option(100, "samples per state of the fixed draw scoring each final λ on Ĵ")
+    separate: float = option(
+        0.5, "L2 between two runs' final mean actions above which they count as separate estimates"
+    )
 
 
 def plan_final(
@@ -67,17 +76,31 @@ def plan_final(
     ).dist
 
 
-def pairwise_distances(
+def pairwise_runs(
     planner: Planner, objective: Objective, states: torch.Tensor, iters: int | None, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2 distances between two independent runs' final means, in action and pre-tanh space.
+) -> tuple[TanhNormal, TanhNormal]:
+    """Two independent runs' final λ at every state (noise seeded ``seed + 1``, ``seed + 2``)."""
+    return tuple(plan_final(planner, objective, states, iters, seed + r) for r in (1, 2))
+
+
+def pairwise_distances(a: TanhNormal, b: TanhNormal) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2 distances between two runs' final means, in action and pre-tanh space.
 
     Returns:
         (‖tanh μ_a − tanh μ_b‖ [N], ‖μ_a − μ_b‖ [N]).
     """
-    a = plan_final(planner, objective, states, iters, seed + 1)
-    b = plan_final(planner, objective, states, iters, seed + 2)
     return (a.mode() - b.mode()).norm(dim=-1), (a.loc - b.loc).norm(dim=-1)
+
+
+@torch.no_grad()
+def scores(
+    objective: Objective, states: torch.Tensor, dists: list[TanhNormal], samples: int, seed: int
+) -> list[torch.Tensor]:
+    """Ĵ(s, λ) [N] of each λ, each with the same fixed draw of ``samples`` per state."""
+    return [
+        objective(states, d, n_samples=samples, generator=torch.Generator().manual_seed(seed)).value
+        for d in dists
+    ]
 
 
 def repeated_runs(
@@ -114,6 +137,8 @@ def _check(opts: ModesOptions, action_dim: int, explicit: set[str]) -> list[int]
         )
     if opts.iters < 0 or opts.samples < 0:
         raise UserError("--iters and --samples must be >= 0")
+    if opts.eval_samples < 1 or not opts.separate > 0:
+        raise UserError("--eval-samples must be >= 1 and --separate > 0")
     dims = list(opts.dims)
     if action_dim == 1 and "dims" not in explicit:
         dims = [0]
@@ -146,7 +171,9 @@ def run(opts: ModesOptions, explicit: set[str] | None = None) -> None:
     iters = opts.iters or None
     states = on_policy_states(setup, opts.states, opts.seed, opts.state_episodes)  # (N, S)
 
-    l2_action, l2_loc = pairwise_distances(planner, objective, states, iters, opts.seed)
+    a, b = pairwise_runs(planner, objective, states, iters, opts.seed)
+    l2_action, l2_loc = pairwise_distances(a, b)
+    j_a, j_b = scores(objective, states, [a, b], opts.eval_samples, opts.seed)  # (N,) each
     samples, means = repeated_runs(
         planner,
         objective,
@@ -157,7 +184,13 @@ def run(opts: ModesOptions, explicit: set[str] | None = None) -> None:
         opts.seed,
     )
     rows = [
-        {"state": i, "l2_mean_action": float(l2_action[i]), "l2_loc": float(l2_loc[i])}
+        {
+            "state": i,
+            "l2_mean_action": float(l2_action[i]),
+            "l2_loc": float(l2_loc[i]),
+            "objective_a": float(j_a[i]),
+            "objective_b": float(j_b[i]),
+        }
         for i in range(len(states))
     ]
     csv_path = write_csv(out_path(opts, "modes", ".csv"), rows, COLUMNS)
@@ -180,7 +213,29 @@ def run(opts: ModesOptions, explicit: set[str] | None = None) -> None:
     print(
         f"L2 between final mean actions: mean {summary[0].mean:.4f}, median {summary[0].median:.4f}"
     )
+    print(separate_estimates(l2_action, j_a, j_b, opts.separate, opts.eval_samples))
     print(f"wrote {csv_path} and {', '.join(map(str, figures))}")
+
+
+def separate_estimates(
+    l2_action: torch.Tensor, j_a: torch.Tensor, j_b: torch.Tensor, threshold: float, samples: int
+) -> str:
+    """How far apart the two runs score on Ĵ, at states with separate estimates and the rest."""
+    gap = (j_a - j_b).abs()  # (N,)
+    parts = []
+    for name, mask in (("separate", l2_action > threshold), ("alike", l2_action <= threshold)):
+        if mask.any():
+            g = gap[mask]
+            parts.append(
+                f"{name} (L2 {'>' if name == 'separate' else '<='} {threshold:g}): "
+                f"{int(mask.sum())} states, |Ĵ_a − Ĵ_b| mean {float(g.mean()):.4f}, "
+                f"max {float(g.max()):.4f}"
+            )
+        else:
+            parts.append(f"{name}: no states")
+    return f"Ĵ of each run's final λ (one fixed draw of {samples} samples per state): " + "; ".join(
+        parts
+    )
 
 
 def _plot(

@@ -1,6 +1,8 @@
 """``mbplan bench value-bias`` and ``mbplan bench modes`` on the bundled default (subprocess),
 and the on-policy states every bench draws (in process)."""
 
+import math
+
 import pytest
 import torch
 from cli_helpers import ok, one_line_error, read_csv, run_cli, valid_png
@@ -27,8 +29,11 @@ def test_modes(tmp_path):
                      "--action-samples", 20, "--state-index", 1))  # fmt: skip
     assert "mean" in out and "median" in out
     assert "4 on-policy states from 4 episodes (resets seeds 0–3" in out
-    rows = read_csv(tmp_path / "modes.csv", ["state", "l2_mean_action", "l2_loc"])
+    columns = ["state", "l2_mean_action", "l2_loc", "objective_a", "objective_b"]
+    rows = read_csv(tmp_path / "modes.csv", columns)
     assert len(rows) == 4 and all(float(r["l2_mean_action"]) >= 0 for r in rows)
+    assert all(math.isfinite(float(r["objective_a"])) for r in rows)
+    assert "|Ĵ_a − Ĵ_b|" in out
     valid_png(tmp_path / "modes.png")
 
 
