@@ -85,11 +85,15 @@ def unmember_rows(y: Tensor, groups: int) -> Tensor:
     return rearrange(y, "e (j b) d -> (j e b) d", j=groups // E)
 
 
+def member_of_row(n_rows: int, groups: int, n_members: int, device=None) -> Tensor:
+    """Member k mod E of each row k·B + b of a K·B-row rollout, K = ``groups``: [N]."""
+    return (torch.arange(n_rows, device=device) // (n_rows // groups)) % n_members
+
+
 def select_members(all_members: Tensor, groups: int) -> Tensor:
-    """Row k·B + b of member k mod E from predictions of every member [E, N, D] → [N, D]."""
+    """Row k·B + b of member k mod E from predictions of every member [E, N, ...] → [N, ...]."""
     E, N = all_members.shape[:2]
-    B = N // groups
-    member = (torch.arange(N, device=all_members.device) // B) % E  # (N,)
+    member = member_of_row(N, groups, E, all_members.device)  # (N,)
     return all_members[member, torch.arange(N, device=all_members.device)]
 
 

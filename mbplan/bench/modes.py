@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mbplan.bench.gap import evaluate
 from mbplan.distributions import TanhNormal
 from mbplan.errors import UserError
 from mbplan.mpc import planner_for
@@ -90,17 +91,6 @@ def pairwise_distances(a: TanhNormal, b: TanhNormal) -> tuple[torch.Tensor, torc
         (‖tanh μ_a − tanh μ_b‖ [N], ‖μ_a − μ_b‖ [N]).
     """
     return (a.mode() - b.mode()).norm(dim=-1), (a.loc - b.loc).norm(dim=-1)
-
-
-@torch.no_grad()
-def scores(
-    objective: Objective, states: torch.Tensor, dists: list[TanhNormal], samples: int, seed: int
-) -> list[torch.Tensor]:
-    """Ĵ(s, λ) [N] of each λ, each with the same fixed draw of ``samples`` per state."""
-    return [
-        objective(states, d, n_samples=samples, generator=torch.Generator().manual_seed(seed)).value
-        for d in dists
-    ]
 
 
 def repeated_runs(
@@ -173,7 +163,8 @@ def run(opts: ModesOptions, explicit: set[str] | None = None) -> None:
 
     a, b = pairwise_runs(planner, objective, states, iters, opts.seed)
     l2_action, l2_loc = pairwise_distances(a, b)
-    j_a, j_b = scores(objective, states, [a, b], opts.eval_samples, opts.seed)  # (N,) each
+    # Ĵ of each run's final λ [N], the same fixed draw for both
+    j_a, j_b = (evaluate(objective, states, d, opts.eval_samples, opts.seed) for d in (a, b))
     samples, means = repeated_runs(
         planner,
         objective,

@@ -38,7 +38,14 @@ from torch import Tensor, nn
 from mbplan.distributions import _LOG_SQRT_2PI, ACTION_EPS, LOGDET_EPS, uniform_log_prob
 from mbplan.models.critic import EnsembleQ
 from mbplan.models.dynamics import Dynamics, Reward
-from mbplan.models.ensemble import EnsembleDynamics, EnsembleReward, member_rows, unmember_rows
+from mbplan.models.ensemble import (
+    EnsembleDynamics,
+    EnsembleReward,
+    member_of_row,
+    member_rows,
+    select_members,
+    unmember_rows,
+)
 from mbplan.planners.direct import DirectPlanner
 
 aten = torch.ops.aten
@@ -384,8 +391,7 @@ class FusedRollout:
             if out.ndim == 2:  # one output per row (the reward)
                 return unmember_rows(out[..., None], groups)[:, 0]
             return unmember_rows(out, groups)
-        N = out.shape[1]
-        return out[self._member_of_row(N, groups, out.device), torch.arange(N, device=out.device)]
+        return select_members(out, groups)
 
     def _uncombine(self, g: Tensor, mode: str, groups: int) -> Tensor:
         """Adjoint of :meth:`_combine`: the members' output gradients [E, rows, D] from g [N, D]."""
@@ -398,12 +404,8 @@ class FusedRollout:
             return member_rows(g, E, groups)
         N = g.shape[0]
         out = g.new_zeros(E, *g.shape)
-        out[self._member_of_row(N, groups, g.device), torch.arange(N, device=g.device)] = g
+        out[member_of_row(N, groups, E, g.device), torch.arange(N, device=g.device)] = g
         return out
-
-    def _member_of_row(self, N: int, groups: int, device) -> Tensor:
-        """Member k mod E of row k·B + b, [N] (for ``select``)."""
-        return (torch.arange(N, device=device) // (N // groups)) % self.n_members
 
     def _disagreement(self, d: Tensor) -> tuple[Tensor, Tensor]:
         """u = ‖std over members of Δ/σ_Δ‖₂ [N] from the members' Δ·σ_Δ [E, N, S], and ∂u/∂(Δ·σ_Δ).
