@@ -8,8 +8,9 @@ variant's median ms per plan (per action at B = 1 state) and its ratio to the si
 ``--states 1 64`` also plans 64 states at once, where the matmuls have rows enough to be bound by
 arithmetic rather than by reading the weights (an ensemble has E× the model weights).
 
-Variants: the iterative planner through the fused rollout (``mbplan plan``'s default path), the
-same plan as one function (``FastIterativePlan``; ``--compile`` adds the torch.compile'd one, as
+Variants: the iterative planner's loop through the fused rollout (``MBPLAN_FAST=0`` aside, the
+path of scripts that call ``planner.plan``), the same plan as one function (``FastIterativePlan``,
+``mbplan plan``'s default path; ``--compile`` adds the torch.compile'd one, as
 ``mbplan plan --compile``), and mppi (its own batched scoring, no fused rollout); each for the
 single model and the ensemble with ``fixed`` propagation (member e runs the K/E·B rows of its
 samples), ``mean`` propagation, and ``fixed`` with pessimism κ > 0 (every member on every row).

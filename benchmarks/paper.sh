@@ -30,10 +30,11 @@ sweep() {
 case "${1:-}" in
   controls)  # item 1 (~50 min on one thread): the gallery, with the fair controls as defaults
     bash benchmarks/reproduce.sh ;;
-  fig5)  # item 2: two more iterative seeds to 50k (~3.8 h each), beside the direct seeds
-    sweep fig5 --agent iterative --seeds "${SEEDS:-1-2}" --steps "${STEPS:-50000}" "${EVAL[@]}" ;;
-  fig7)  # item 3: iterations during training N ∈ {1, 2, 5}, 30k steps, 2 seeds (~1.5–4 h each)
-    sweep fig7 --agent iterative --set iters=1,2,5 --seeds "${SEEDS:-0-1}" \
+  fig5)  # item 2: two more iterative seeds (β = 2.5, as seed 0's learning run) beside the direct seeds
+    sweep fig5 --agent iterative --beta 2.5 --seeds "${SEEDS:-1-2}" --steps "${STEPS:-50000}" \
+      "${EVAL[@]}" ;;
+  fig7)  # item 3: iterations during training N ∈ {1, 2, 5} (β = 2.5), 30k steps, 2 seeds
+    sweep fig7 --agent iterative --beta 2.5 --set iters=1,2,5 --seeds "${SEEDS:-0-1}" \
       --steps "${STEPS:-30000}" "${EVAL[@]}" ;;
   fig8a)  # item 4: model-based value H = 2 on Pendulum-v1 (direct 0.4 h, iterative 3.5 h each)
     sweep fig8a --env Pendulum-v1 --agent direct iterative --value model --horizon 2 \

@@ -304,10 +304,11 @@ class PlanSettings:
             Ĵ − η·KL(π_λ ‖ π_f(s)) (:class:`~mbplan.objective.AnchoredObjective`); 0 = none. The
             reported improvement is measured on Ĵ itself.
         stochastic: Act with a sample instead of tanh(μ).
-        compile: Run an iterative planner's plans through
-            :class:`~mbplan.fast.fast_plan.FastIterativePlan` with ``torch.compile`` (compiled
-            before the first episode, untimed). Other planners, runs that record the rollouts, and
-            ``MBPLAN_FAST=0`` plan as usual.
+        compile: Compile the iterative planner's plan with ``torch.compile`` (before the first
+            episode, untimed). Without it, an iterative planner on Ĵ_MB still plans through
+            :class:`~mbplan.fast.fast_plan.FastIterativePlan` (one function, uncompiled). Other
+            planners, runs that record the rollouts, and ``MBPLAN_FAST=0`` take the planner's
+            own loop.
     """
 
     iters: int | None = None
@@ -362,7 +363,9 @@ class MPC:
         self.policy = setup.future_policy() if need_policy else None
         self.value = objective.q_fn if isinstance(objective.q_fn, ModelValue) else None
         self.compile_seconds = 0.0
-        self._compiled: FastIterativePlan | None = None
+        # The iterative plan as one function (its planner loop's fast twin); compiled by compile()
+        iterative = isinstance(planner, IterativePlanner)
+        self._fast = FastIterativePlan(planner) if iterative else None
         self._prev: TanhNormal | None = None
         # Sequence planners (mppi): the previous plan's mean sequence, shifted by one step
         self._warm: Tensor | None = None
@@ -402,8 +405,8 @@ class MPC:
             extra["warm"] = self._warm
             init = None if cfg.init == "previous" else init
         recording = self.value is not None and self.value.record is not None
-        if self._compiled is not None and not recording and fast.enabled():
-            result = self._compiled.plan(target, state, init, cfg.iters, self.generator)
+        if self._fast is not None and not recording and fast.enabled():
+            result = self._fast.plan(target, state, init, cfg.iters, self.generator)
         else:
             result = self.planner.plan(
                 target, state, init, cfg.iters, self.generator, record_objective=False, **extra
@@ -434,7 +437,7 @@ class MPC:
         cfg = self.settings
         if not (cfg.compile and isinstance(self.planner, IterativePlanner) and fast.enabled()):
             return 0.0
-        if self._compiled is not None:
+        if self._fast is not None and self._fast.compile:
             return self.compile_seconds
         compiled = FastIterativePlan(self.planner, compile=True)
         state = torch.zeros(1, self.setup.state_dim)  # compile with the episode's settings
@@ -449,7 +452,7 @@ class MPC:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             why = f"--compile failed (torch.compile needs a C++ compiler): {first}"
             raise UserError(why) from e
-        self._compiled = compiled
+        self._fast = compiled
         self.compile_seconds = time.perf_counter() - start
         return self.compile_seconds
 

@@ -15,7 +15,8 @@ its arithmetic. Here the same computation is one function of tensors:
   plan compiles it (about a minute on a 2-core CPU; inductor caches the result on disk, so later
   processes take less).
 
-Used by ``mbplan plan --compile`` and ``benchmarks/plan_latency.py``. It applies to the iterative
+Used by :class:`~mbplan.mpc.MPC` (``mbplan plan``: uncompiled by default, compiled with
+``--compile``) and ``benchmarks/plan_latency.py``. It applies to the iterative
 planner on a :class:`~mbplan.model_value.ModelValue` objective that takes the fused rollout;
 :meth:`FastIterativePlan.applies` says whether it does.
 

@@ -16,7 +16,8 @@ An ensemble model (:mod:`mbplan.models.ensemble`) stacks its E dynamics and E re
 same way. How the K·B rows meet the members follows ``ModelValue``'s propagation (:data:`MODES`):
 with ``fixed`` propagation and E dividing K, member e takes only the rows of samples k ≡ e (mod E),
 so a step costs the matmuls of one model (two batched passes: the models on their rows, the
-critics on all rows).
+critics on all rows). The rows are regrouped member-major once per rollout (states, actions and
+noise in, values and ∂/∂a_0 out), so every step's member rows are views, not copies.
 
 Used automatically by ``ModelValue`` when its networks have the supported form (deterministic
 dynamics without the Euler layout, or an ensemble; LayerNorm + LeakyReLU model trunks, an
@@ -59,7 +60,12 @@ MODES = ("one", "mean", "select", "split")
 
 @dataclass
 class _Layer:
-    """One stacked layer: z = x·w + b for members lo:hi; w [M, in, out], w_t its transpose."""
+    """One stacked layer: z = x·w + b for members lo:hi; w [M, in, out], w_t its transpose.
+
+    w_t is a view of w, not a copy: the backward reads the bytes the forward read. At a few rows
+    per member the products are bound by reading the weights (an ensemble's do not fit in L2), so
+    a transposed copy would double what a plan reads.
+    """
 
     w: Tensor
     w_t: Tensor
@@ -246,7 +252,7 @@ class FusedRollout:
         layers = []
         for ws, bs in ((w1, b1), (w2, b2), (w3, b3)):
             w = torch.stack(ws).contiguous()  # (M, in, out)
-            layers.append(_Layer(w, w.transpose(1, 2).contiguous(), torch.stack(bs)[:, None]))
+            layers.append(_Layer(w, w.transpose(1, 2), torch.stack(bs)[:, None]))
         ln = []
         for i in range(2):
             pairs = parts[0][1][i] + parts[1][1][i]
@@ -387,10 +393,8 @@ class FusedRollout:
             return out[0]
         if mode == "mean":
             return out.mean(0)
-        if mode == "split":
-            if out.ndim == 2:  # one output per row (the reward)
-                return unmember_rows(out[..., None], groups)[:, 0]
-            return unmember_rows(out, groups)
+        if mode == "split":  # rows are member-major (see forward): member e's rows are a block
+            return out.flatten(0, 1)
         return select_members(out, groups)
 
     def _uncombine(self, g: Tensor, mode: str, groups: int) -> Tensor:
@@ -401,7 +405,7 @@ class FusedRollout:
         if mode == "mean":
             return (g / E).expand(E, *g.shape)
         if mode == "split":
-            return member_rows(g, E, groups)
+            return g.unflatten(0, (E, -1))
         N = g.shape[0]
         out = g.new_zeros(E, *g.shape)
         out[member_of_row(N, groups, E, g.device), torch.arange(N, device=g.device)] = g
@@ -452,7 +456,7 @@ class FusedRollout:
         hi = self.n_model + self.n_critics if critics else self.n_model
         if mode != "split" or not has_models:
             return [self._trunk(x, lo, hi)]
-        rows = member_rows(x, self.n_members, groups)  # (E, N/E, S+A)
+        rows = x.unflatten(0, (self.n_members, -1))  # (E, N/E, S+A): rows are member-major
         passes = [self._trunk(torch.cat([rows, rows]), 0, self.n_model)]  # dynamics and reward
         if critics:
             passes.append(self._trunk(x, self.n_model, hi))
@@ -471,7 +475,9 @@ class FusedRollout:
 
         ``alpha`` (the future steps' KL weight) defaults to the value's; pass it as a float to keep
         a tensor α's ``float()`` out of compiled code. ``groups`` is K (row k·B + b = sample k of
-        state b): an ensemble's members follow the samples.
+        state b): an ensemble's members follow the samples. With ``split`` rows the rollout runs
+        member-major (row e·N/E + i is member e's i-th row); values and the backward's ∂/∂a_0
+        come back in the callers' row order.
         """
         v = self.settings
         H, beta = v.horizon, v.beta
@@ -481,6 +487,10 @@ class FusedRollout:
         mode = self.mode(groups)
         kappa = v.kappa if E > 1 else 0.0  # one member has no disagreement
         s, a = states, actions
+        if mode == "split":  # member-major rows for the whole rollout, regrouped once
+            s, a = (member_rows(x, E, groups).flatten(0, 1) for x in (states, actions))
+            A = actions.shape[-1]  # noise [N, A] × H, regrouped as one [N, H·A]
+            noise = member_rows(torch.cat(noise, -1), E, groups).flatten(0, 1).split(A, -1)
         terms, coef, tape = [], [], []  # Q̂ = Σ coef·terms
         for t in range(H + 1):
             critics = c[t] != 0  # c_t = 0: no critics (t = 0); the last step: critics only
@@ -520,7 +530,10 @@ class FusedRollout:
         # Constants left out of the terms: Σ g_kl·(−A·log √2π − log p(a))
         const = sum(step.get("g_kl", 0.0) for step in tape) * self.kl_const
         weights = torch.tensor(coef, dtype=states.dtype, device=states.device)
-        return torch.stack(terms).T.mv(weights) + const, tape
+        values = torch.stack(terms).T.mv(weights) + const  # (N,)
+        if mode == "split":
+            values = unmember_rows(values.view(E, -1, 1), groups)[:, 0]
+        return values, tape
 
     def _model_grad(self, step: dict, g_state: Tensor, w_t: float) -> Tensor:
         """The model members' output gradients [2E, rows, S] of step t from ∂/∂s_{t+1} [N, S]."""
@@ -554,12 +567,14 @@ class FusedRollout:
                 g_in = self._trunk_backward(g_out, trunk)  # (m, rows, S+A)
                 if rows != N:  # split rows: dynamics and reward member e read the same rows
                     E = self.n_members
-                    g_in = unmember_rows(g_in[:E] + g_in[E:], step["groups"])
+                    g_in = (g_in[:E] + g_in[E:]).flatten(0, 1)  # member-major rows
                 else:
                     g_in = g_in.sum(0)
                 g_x = g_in if g_x is None else g_x + g_in  # (N, S+A)
             g_state = g_state + g_x[:, :n_state]
             g_action = g_x[:, n_state:]
+        if tape and tape[0]["mode"] == "split":  # back to the callers' row order
+            g_action = unmember_rows(g_action.unflatten(0, (self.n_members, -1)), tape[0]["groups"])
         return g_action
 
 
