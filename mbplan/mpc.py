@@ -265,8 +265,22 @@ def planner_for(setup: Setup, name: str, objective_kind: str, **hyperparameters:
     if name == "iterative":
         for kind in (objective_kind, *OBJECTIVES):
             if kind in setup.optimizers:
+                if kind != objective_kind:
+                    warnings.warn(
+                        f"no iterative optimizer fitted on the {objective_kind} objective in this "
+                        f"run: planning with the one fitted on the {kind} objective (zero-shot)",
+                        stacklevel=2,
+                    )
                 return setup.optimizers[kind]
         if setup.agent.config.agent == "iterative":
+            trained_on = setup.agent.config.value
+            if objective_kind != trained_on:
+                warnings.warn(
+                    f"no iterative optimizer fitted on the {objective_kind} objective in this "
+                    f"run: planning with the agent's own, trained on the {trained_on} objective "
+                    "(zero-shot)",
+                    stacklevel=2,
+                )
             return setup.agent.planner
         raise UserError(
             "no iterative optimizer in this run: train one with "

@@ -175,9 +175,9 @@ class CurveRow:
 
     group: str
     seeds: int
-    last_step: int
-    eval_mean: float
-    eval_std: float
+    last_step: int  # of its evaluations, else (an optimizer fit) of its improvement lines
+    eval_mean: float | str  # "-" without evaluations
+    eval_std: float | str
     improvement: str
 
 
@@ -202,7 +202,7 @@ def run(opts: TrainingOptions) -> None:
         ev = [r for r in rows if r["group"] == group and r["kind"] == "eval"]
         imp = [r for r in rows if r["group"] == group and r["kind"] == "improvement"]
         seeds = sum(c.group == group for c in runs)
-        last = ev[-1] if ev else {"step": 0, "mean": float("nan"), "std": float("nan")}
+        last = ev[-1] if ev else {"step": imp[-1]["step"], "mean": "-", "std": "-"}
         summary.append(
             CurveRow(
                 group,
