@@ -4,7 +4,10 @@ Each episode is receding-horizon control in the real env against Ĵ_MB at H = ``
 K = PLAN_SAMPLES samples, uncompiled, on ``--threads`` threads (``mbplan plan``'s loop without its
 untimed Ĵ-improvement evaluation). Episodes are saved one JSON file each as they finish
 (``OUT/episodes/<model>-<planner>-trust<η>-s<seed>-e<episode>.json``), so the script can be killed
-and rerun; finished episodes are skipped. Writes ``head_to_head.csv``, ``head_to_head.md`` and
+and rerun; finished episodes are skipped. Each records how the iterative cells planned
+(``iterative_plan``: ``one function``, MPC's default since 5d0b0c3, or ``loop``, before it or with
+``MBPLAN_FAST=0``); a rerun that would mix the two in one folder stops (use another ``--out``). The
+committed grid's iterative episodes all planned through the loop. Writes ``head_to_head.csv``, ``head_to_head.md`` and
 ``head_to_head.png`` from whatever episode files exist.
 
     python benchmarks/head_to_head.py                        # 3 seeds × 3 episodes × 1000 steps
@@ -51,6 +54,7 @@ from typing import Any
 
 import torch
 
+from mbplan import fast
 from mbplan.checkpoint import atomic_path, atomic_write_text, run_or_default
 from mbplan.envs import make_env
 from mbplan.errors import UserError
@@ -219,8 +223,11 @@ def run_grid(p: argparse.ArgumentParser, args, out: Path) -> None:
         cell_settings = dict(settings)
         if m == ANY or not isinstance(setup.dynamics, EnsembleDynamics):
             cell_settings.update(propagation=None, kappa=None)  # no ensemble: they do not apply
+        if PLANNERS[name][0] == "iterative":  # MPC's path: same plans to rounding, not episodes
+            cell_settings["iterative_plan"] = "one function" if fast.enabled() else "loop"
         if path.exists():
             old = json.loads(path.read_text())
+            old.setdefault("iterative_plan", "loop")  # episodes from before the fast plan was MPC's
             if any(old.get(k) != v for k, v in cell_settings.items()):
                 theirs = {k: old.get(k) for k in cell_settings}
                 p.error(f"{path} was run with other settings {theirs}: use another --out")

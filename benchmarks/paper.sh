@@ -48,11 +48,13 @@ case "${1:-}" in
   fig3)  # item 5: value bias vs β; policy_kl is logged at every evaluation (30k steps)
     sweep fig3 --agent iterative --set beta=1 --seeds "${SEEDS:-0-1}" --steps "${STEPS:-30000}" \
       "${EVAL[@]}"
+    DRY=$DRY bash "$0" fig3-direct ;;
+  fig3-direct)  # its direct cells alone (~10 min each): also the direct side of item 6
     sweep fig3-direct --agent direct --set beta=1 --seeds "${SEEDS:-0-1}" \
       --steps "${STEPS:-30000}" "${EVAL[@]}" ;;
   all)
     for e in fig5 fig7 fig8a fig3; do DRY=$DRY bash "$0" "$e"; done ;;
   *)
-    echo "usage: bash benchmarks/paper.sh {controls|fig5|fig7|fig8a|fig8a-paper|fig3|all}" >&2
+    echo "usage: bash benchmarks/paper.sh {controls|fig5|fig7|fig8a|fig8a-paper|fig3|fig3-direct|all}" >&2
     exit 2 ;;
 esac

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from mbplan import fast
 from mbplan.distributions import TanhNormal
 from mbplan.envs import check_env_matches, env_spec, make_env
 from mbplan.errors import UserError
@@ -153,8 +154,12 @@ def weights_digest(setup: Setup) -> str:
 
 
 def settings_of(setup: Setup, opts: IterationsOptions) -> dict[str, Any]:
-    """What an episode's outcome depends on besides its index (stored with the episodes)."""
-    return {
+    """What an episode's outcome depends on besides its index (stored with the episodes).
+
+    On Ĵ_MB the iterative contenders plan through ``FastIterativePlan`` unless ``MBPLAN_FAST=0``
+    (the loop): same plans to rounding, but rounding changes episodes, so the path is recorded.
+    """
+    settings = {
         "env": setup.config["env"],
         "weights": weights_digest(setup),
         "objective": opts.objective,
@@ -165,6 +170,9 @@ def settings_of(setup: Setup, opts: IterationsOptions) -> dict[str, Any]:
         "extra_iters": opts.extra_iters,
         "seed": opts.seed,
     }
+    if opts.objective == "model":
+        settings["iterative_plan"] = "one function" if fast.enabled() else "loop"
+    return settings
 
 
 def load_finished(path: Path, settings: dict[str, Any]) -> dict[tuple[str, int], dict]:

@@ -143,3 +143,34 @@ def test_mpc_act_plans_one_state_and_matches_its_episode_loop():
         torch.testing.assert_close(result.trace.loc, p["trace"].loc, rtol=0, atol=0)
         mpc.improvement(torch.as_tensor(obs, dtype=torch.float32), result)  # the loop's draws
         obs, *_ = env.step(action)
+
+
+def test_mpc_plans_iterative_as_one_function_unless_fast_is_off():
+    """MPC.act plans through FastIterativePlan by default (its trace times only λ_I), the loop
+    with MBPLAN_FAST=0.
+
+    Both plan the same λ from the same draws, to float32 rounding.
+    """
+    import torch
+
+    from mbplan import fast
+    from mbplan.mpc import model_objective, planner_for
+
+    setup = load_setup(default_bundle())
+    objective, _ = model_objective(setup, 2, samples=4)
+    planner = planner_for(setup, "iterative", "model")
+    state = torch.as_tensor(_first_state(), dtype=torch.float32)
+    _, quick = MPC(setup, planner, objective, PlanSettings(), seed=5).act(state)
+    with fast.disabled():
+        _, loop = MPC(setup, planner, objective, PlanSettings(), seed=5).act(state)
+    assert torch.isnan(quick.trace.elapsed[1:-1]).all()  # the one function: no per-iterate times
+    assert torch.isfinite(loop.trace.elapsed).all()
+    torch.testing.assert_close(quick.trace.loc[1], loop.trace.loc[1], rtol=1e-4, atol=1e-4)
+
+
+def _first_state():
+    """The first state of a HalfCheetah-v5 episode (reset seed 0)."""
+    from mbplan.envs import make_env
+
+    obs, _ = make_env("HalfCheetah-v5").reset(seed=0)
+    return obs
