@@ -453,6 +453,12 @@ def plan_cmd(opts: PlanOptions) -> None:
             f"note: --compile compiles the iterative planner's plan ({why}); planning uncompiled",
             file=sys.stderr,
         )
+    elif opts.save_plans and opts.planner == "iterative":
+        print(
+            "note: --save-plans records rollouts, so the iterative planner runs its loop, not the "
+            "faster one-function plan: same plans to rounding, but episodes can drift apart",
+            file=sys.stderr,
+        )
     settings = PlanSettings(opts.iters or None, opts.init, trust, opts.stochastic, opts.compile)
     mpc = MPC(setup, planner, objective, settings, opts.seed)  # its warnings before the bar
     limit = opts.max_steps or env_spec(env).max_episode_steps or 1000
