@@ -15,7 +15,8 @@ Each twin, its plain path, and the float64 test that proves them equal:
   one model or an ensemble (each propagation, κ). Plain: the ``ModelValue`` loop through autograd.
   Test: ``tests/fast/test_fused_value.py``.
 * ``fast_plan.FastIterativePlan``: the iterative planner's whole plan on Ĵ_MB as one (compiled)
-  function. Plain: ``IterativePlanner.plan``. Test: ``tests/fast/test_fast_plan.py``.
+  function, uncompiled (``MPC``'s default) or compiled (``--compile``). Plain:
+  ``IterativePlanner.plan``. Test: ``tests/fast/test_fast_plan.py``.
 * critic nodes ``_EnsembleHead`` and ``_FrozenActionGrad`` (``mbplan.models.critic``).
   Plain: ``EnsembleLinear`` layers through autograd. Test: ``tests/fast/test_critic_nodes.py``.
 * ``_SampleLogProb`` (``mbplan.distributions``): tanh-Normal sample and log-prob in one node.
