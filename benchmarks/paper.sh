@@ -52,9 +52,25 @@ case "${1:-}" in
   fig3-direct)  # its direct cells alone (~10 min each): also the direct side of item 6
     sweep fig3-direct --agent direct --set beta=1 --seeds "${SEEDS:-0-1}" \
       --steps "${STEPS:-30000}" "${EVAL[@]}" ;;
+  agents)  # item 6: amortization gap, value bias and modes of every trained agent kept above
+    # (fig5's iterative agents, fig3-direct's direct ones; ~3 min an agent at one thread)
+    for run in "$KEEP"/fig5/*/final "$KEEP"/fig3-direct/*/final; do
+      [ -d "$run" ] || continue
+      name=$(basename "$(dirname "$run")")
+      out="$KEEP/agents/$name"
+      case $name in *iterative*) planners=iterative ;; *) planners=direct ;; esac
+      [ -n "$DRY" ] && { echo "would measure $name ($planners) into $out"; continue; }
+      echo "+ $name"
+      # shellcheck disable=SC2086
+      mbplan bench gap --checkpoint "$run" --planners $planners --threads "$THREADS" --out "$out"
+      mbplan bench value-bias --checkpoint "$run" --threads "$THREADS" --out "$out"
+      if [ "$planners" = iterative ]; then
+        mbplan bench modes --checkpoint "$run" --threads "$THREADS" --out "$out"
+      fi
+    done ;;
   all)
     for e in fig5 fig7 fig8a fig3; do DRY=$DRY bash "$0" "$e"; done ;;
   *)
-    echo "usage: bash benchmarks/paper.sh {controls|fig5|fig7|fig8a|fig8a-paper|fig3|fig3-direct|all}" >&2
+    echo "usage: bash benchmarks/paper.sh {controls|fig5|fig7|fig8a|fig8a-paper|fig3|fig3-direct|agents|all}" >&2
     exit 2 ;;
 esac
