@@ -34,7 +34,8 @@ case "${1:-}" in
     sweep fig5 --agent iterative --beta 2.5 --seeds "${SEEDS:-1-2}" --steps "${STEPS:-50000}" \
       "${EVAL[@]}" ;;
   fig7)  # item 3: iterations during training N ∈ {1, 2, 5} (β = 2.5), 30k steps, 2 seeds
-    sweep fig7 --agent iterative --beta 2.5 --set iters=1,2,5 --seeds "${SEEDS:-0-1}" \
+    # (ITERS=1,2 STEPS=20000 runs the cells that fig5's N = 5 agents at 20k steps lack)
+    sweep fig7 --agent iterative --beta 2.5 --set iters="${ITERS:-1,2,5}" --seeds "${SEEDS:-0-1}" \
       --steps "${STEPS:-30000}" "${EVAL[@]}" ;;
   fig8a)  # item 4: model-based value H = 2 on Pendulum-v1 (direct 0.4 h, iterative 3.5 h each)
     sweep fig8a --env Pendulum-v1 --agent direct iterative --value model --horizon 2 \
