@@ -6,9 +6,9 @@ untimed Ĵ-improvement evaluation). Episodes are saved one JSON file each as the
 (``OUT/episodes/<model>-<planner>-trust<η>-s<seed>-e<episode>.json``), so the script can be killed
 and rerun; finished episodes are skipped. Each records how the iterative cells planned
 (``iterative_plan``: ``one function``, MPC's default since 5d0b0c3, or ``loop``, before it or with
-``MBPLAN_FAST=0``); a rerun that would mix the two in one folder stops (use another ``--out``). The
-committed grid's iterative episodes all planned through the loop. Writes ``head_to_head.csv``, ``head_to_head.md`` and
-``head_to_head.png`` from whatever episode files exist.
+``MBPLAN_FAST=0``); a rerun that would mix the two in one folder stops (use another ``--out``).
+The committed grid's iterative episodes all planned through the loop. Writes ``head_to_head.csv``,
+``head_to_head.md`` and ``head_to_head.png`` from whatever episode files exist.
 
     python benchmarks/head_to_head.py                        # 3 seeds × 3 episodes × 1000 steps
     python benchmarks/head_to_head.py --only direct iterative mppi
