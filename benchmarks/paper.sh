@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/paper.sh controls          # item 1: the gallery with the fair controls
 #   bash benchmarks/paper.sh fig5              # iterative ≥ direct: 2 more iterative seeds
+#   python benchmarks/paper_fig5.py            # its report (and paper_fig7.py for fig7)
 #   DRY=1 bash benchmarks/paper.sh all         # print every sweep's estimated cost, run nothing
 #   STEPS=1000000 SEEDS=0-4 BACKEND="--backend ray --address auto" bash benchmarks/paper.sh fig7
 #
@@ -54,11 +55,13 @@ case "${1:-}" in
     sweep fig3-direct --agent direct --set beta=1 --seeds "${SEEDS:-0-1}" \
       --steps "${STEPS:-30000}" "${EVAL[@]}" ;;
   agents)  # item 6: amortization gap, value bias and modes of every trained agent kept above
-    # (fig5's iterative agents, fig3-direct's direct ones; ~3 min an agent at one thread)
-    for run in "$KEEP"/fig5/*/final "$KEEP"/fig3-direct/*/final; do
+    # (iterative: fig5, fig7, fig3; direct: fig3-direct; ~3 min an agent at one thread); an agent
+    # whose bench-gap.csv exists is skipped (FORCE=1 measures it again)
+    for run in "$KEEP"/{fig5,fig7,fig3,fig3-direct}/*/final; do
       [ -d "$run" ] || continue
       name=$(basename "$(dirname "$run")")
       out="$KEEP/agents/$name"
+      [ -z "${FORCE:-}" ] && [ -f "$out/bench-gap.csv" ] && continue
       case $name in *iterative*) planners=iterative ;; *) planners=direct ;; esac
       [ -n "$DRY" ] && { echo "would measure $name ($planners) into $out"; continue; }
       echo "+ $name"
